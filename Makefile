@@ -1,0 +1,16 @@
+# The two set-up commands of the README. Both install into ./.venv first (idempotent).
+.PHONY: run test setup lint
+
+setup:
+	bash scripts/setup.sh
+
+# The main job: the embedded default on built-in synthetic phantoms.
+run: setup
+	.venv/bin/samatch demo
+
+# The whole test suite (CI runs this through .ci/run).
+test: setup
+	.venv/bin/python -m pytest -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/ruff check samatch federation clients server simulations tests benchmarks

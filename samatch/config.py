@@ -1,0 +1,200 @@
+"""Typed configuration: one dataclass per concern, nested in :class:`TrainConfig`.
+
+Overrides are dotted keys (``"method.threshold=0.9"``, ``"schedule.iterations": 200``), the same
+form Flower's run config uses, so a TOML file, a CLI ``--set`` and a federation run config all go
+through :func:`apply_overrides`. Unknown keys and wrong types are errors, not silent no-ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+
+@dataclass
+class DataConfig:
+    root: str = ""  # dataset folder; empty = built-in phantoms
+    format: str = ""  # acdc-h5 | acdc-nifti | busi | nifti | phantom-cardiac | phantom-lesion
+    label_map: str = ""  # e.g. "chaos-liver" or "1=1"
+    labeled: int = 3  # budget in the dataset's unit (patients, images, cases)
+    size: int = 256  # network input size (square)
+    seed: int = 0
+    splits_file: str = ""  # reuse a splits JSON instead of making one
+    max_unlabeled: int = 0  # 0 = all; >0 caps the unlabeled pool (CPU smoke runs)
+    max_val_cases: int = 0  # 0 = all
+
+    def __post_init__(self) -> None:
+        if self.labeled < 1:
+            raise ValueError(f"data.labeled must be >= 1, got {self.labeled}")
+        if self.size < 32 or self.size % 16:
+            raise ValueError(f"data.size must be a multiple of 16 and >= 32, got {self.size}")
+
+
+@dataclass
+class ModelConfig:
+    in_channels: int = 1
+    num_classes: int = 0  # 0 = from the dataset (set when the data is opened)
+    base_channels: int = 16  # U-Net widths are base * (1, 2, 4, 8, 16)
+    dropout: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ValueError("model.num_classes must be >= 2 (background + one class), or 0 for auto")
+        if len(self.dropout) != 5:
+            raise ValueError("model.dropout needs one rate per encoder level (5)")
+
+
+@dataclass
+class MethodConfig:
+    name: str = "unimatch"  # supervised | fixmatch | unimatch | samatch
+    threshold: float = 0.95  # confidence for pseudo-labels (and SAM prompts)
+    cutmix_prob: float = 0.5
+    feature_dropout: float = 0.5  # UniMatch's Dropout2d on encoder features
+    unsup_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"method.threshold must be in [0, 1], got {self.threshold}")
+
+
+@dataclass
+class ScheduleConfig:
+    iterations: int = 30000
+    batch_size: int = 12  # labeled images per step; the same number of unlabeled images
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    eval_every: int = 500
+    log_every: int = 20
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ValueError("schedule.iterations and schedule.batch_size must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def _coerce(value: Any, typ: Any, key: str) -> Any:
+    """Convert ``value`` (from TOML / JSON / a CLI string) to the declared field type."""
+    origin = typing.get_origin(typ)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        inner = typing.get_args(typ)[0]
+        return tuple(_coerce(v, inner, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{key}: expected true/false, got {value!r}")
+            return value.lower() in ("true", "1")
+        return bool(value)
+    if typ in (int, float, str):
+        try:
+            out = typ(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{key}: expected {typ.__name__}, got {value!r}") from None
+        if typ is int and isinstance(value, float) and value != out:
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return out
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from a plain dict; unknown keys are errors."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(prefix + k for k in sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, value, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(value, typ, prefix + name)
+    return cls(**kwargs)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
+    """Return a new config with dotted-key overrides applied (nested dicts are flattened first)."""
+    tree = cfg.to_dict()
+    for key, value in _flatten(overrides).items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"unknown config key: {key}")
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ValueError(f"unknown config key: {key}")
+        node[parts[-1]] = value
+    return from_dict(TrainConfig, tree)
+
+
+def parse_set_args(items: list[str]) -> dict[str, str]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}`` (values converted later by type)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- TOML/JSON file <- overrides."""
+    cfg = TrainConfig()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: config file not found")
+        try:
+            data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{p}: cannot parse config: {err}") from None
+        cfg = apply_overrides(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg

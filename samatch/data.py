@@ -1,0 +1,145 @@
+"""Cases -> labeled / unlabeled slice sets at network size, and validation volumes at native size.
+
+Training slices are normalised (per-slice min-max) and resized once, then held as one tensor, so a
+batch is a single index-gather: the step never waits for file I/O. Validation volumes stay at their
+native resolution; :mod:`samatch.evaluate` resizes predictions back to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from samatch.io.base import Case, CaseRef
+from samatch.preprocess import minmax_normalize, resize_image, resize_label
+
+
+@dataclass
+class SliceSet:
+    """``images`` (N, 1, S, S) float32 in [0, 1]; ``labels`` (N, S, S) uint8 or None (unlabeled)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    patient_ids: list[str]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def sample(
+        self, batch: int, generator: torch.Generator, device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A random batch drawn with replacement across epochs (one gather, then to ``device``)."""
+        idx = torch.randint(0, len(self), (batch,), generator=generator)
+        img = self.images[idx].to(device, non_blocking=True)
+        lab = None if self.labels is None else self.labels[idx].to(device, non_blocking=True).long()
+        return img, lab
+
+
+def load_slices(refs: Sequence[CaseRef], size: int, with_labels: bool, desc: str = "loading") -> SliceSet:
+    """Load cases (2D or volumes), split into slices, normalise and resize each to ``size``."""
+    images, labels, pids = [], [], []
+    for ref in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 50):
+        case = ref.load()
+        images.append(resize_image(minmax_normalize(case.image), size))
+        if with_labels:
+            if case.label is None:
+                raise ValueError(f"{case.meta.source}: labeled case has no label")
+            labels.append(resize_label(case.label, size))
+        pids.extend([case.meta.patient_id] * case.num_slices)
+    if not images:
+        raise ValueError(f"no cases to load for {desc}")
+    img = torch.from_numpy(np.concatenate(images))[:, None]
+    lab = torch.from_numpy(np.concatenate(labels)) if with_labels else None
+    return SliceSet(img, lab, pids)
+
+
+def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case]:
+    """Validation / test cases at native resolution (labels required)."""
+    cases = [r.load() for r in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 10)]
+    for c in cases:
+        if c.label is None:
+            raise ValueError(f"{c.meta.source}: evaluation case has no label")
+    return cases
+
+
+@dataclass
+class TrainData:
+    labeled: SliceSet
+    unlabeled: SliceSet | None
+    val: list[Case]
+    num_classes: int
+    class_names: tuple[str, ...]
+
+
+# Budget units of each format: what "--labeled N" counts.
+BUDGET_UNITS = {
+    "acdc-h5": "patients",
+    "acdc-nifti": "patients",
+    "busi": "images",
+    "nifti": "cases",
+    "phantom-cardiac": "patients",
+    "phantom-lesion": "patients",
+}
+
+
+def open_reader(data_cfg):
+    """The reader for ``cfg.data``: a dataset folder, or a built-in phantom site."""
+    fmt = data_cfg.format
+    if fmt.startswith("phantom-"):
+        from samatch.phantoms import PhantomReader
+
+        # For phantoms, data.root names the site(s): "0", or "0,1,2" for a pooled view.
+        try:
+            sites = tuple(int(s) for s in (data_cfg.root or "0").split(","))
+        except ValueError:
+            raise ValueError(
+                f"phantom data.root must be site indices like '0,1,2', got {data_cfg.root!r}"
+            ) from None
+        return PhantomReader(fmt.split("-", 1)[1], site=sites, seed=data_cfg.seed, size=data_cfg.size)
+    from samatch.io import open_dataset
+
+    return open_dataset(data_cfg.root, fmt or None, data_cfg.label_map or None)
+
+
+def build_splits(reader, data_cfg, out_dir: Path | None = None):
+    """Make (or reuse ``data.splits_file``) the by-patient splits; save them beside the run."""
+    from samatch.splits import load_splits, make_splits, save_splits
+
+    if data_cfg.splits_file:
+        splits = load_splits(data_cfg.splits_file, reader)
+    else:
+        splits = make_splits(reader, data_cfg.labeled, BUDGET_UNITS.get(reader.name, "cases"), data_cfg.seed)
+    if out_dir is not None:
+        save_splits(splits, Path(out_dir) / "splits.json")
+    return splits
+
+
+def build_train_data(cfg, out_dir: Path | None = None) -> TrainData:
+    """cfg.data -> reader -> splits -> labeled / unlabeled slice sets + validation volumes."""
+    reader = open_reader(cfg.data)
+    splits = build_splits(reader, cfg.data, out_dir)
+    refs = {r.case_id: r for r in reader.cases(None)}
+    unlabeled_ids = splits.unlabeled
+    if cfg.data.max_unlabeled:
+        unlabeled_ids = unlabeled_ids[: cfg.data.max_unlabeled]
+    val_ids = splits.val[: cfg.data.max_val_cases or None]
+    labeled = load_slices([refs[i] for i in splits.labeled], cfg.data.size, True, "labeled")
+    unlabeled = (
+        load_slices([refs[i] for i in unlabeled_ids], cfg.data.size, False, "unlabeled")
+        if unlabeled_ids
+        else None
+    )
+    val = load_volumes([refs[i] for i in val_ids])
+    if cfg.model.num_classes == 0:  # 0 = take it from the dataset
+        cfg.model.num_classes = reader.num_classes
+    if reader.num_classes != cfg.model.num_classes:
+        raise ValueError(
+            f"{cfg.data.root or reader.name}: dataset has {reader.num_classes} classes but "
+            f"model.num_classes is {cfg.model.num_classes}"
+        )
+    return TrainData(labeled, unlabeled, val, reader.num_classes, tuple(reader.class_names))

@@ -1,0 +1,218 @@
+"""The training loop: ``Trainer(cfg, data).run()``, shared by the CLI and the federated client.
+
+One iteration = one labeled batch (+ one unlabeled batch) -> ``method.train_step`` -> SGD with a
+poly learning rate. The run stops exactly at ``schedule.iterations``; checkpoints hold everything
+needed to resume bit-for-bit on the same device (networks, optimizer, iteration, RNG states).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from samatch.config import TrainConfig
+from samatch.data import TrainData
+from samatch.evaluate import evaluate_cases, summarize_dice
+from samatch.methods import build_method
+from samatch.models.unet import build_unet
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def poly_lr(base: float, it: int, total: int, power: float) -> float:
+    """Poly decay; never negative, also if called past the end."""
+    return base * max(0.0, 1.0 - it / total) ** power
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path | None = None, **method_extra):
+        self.cfg = cfg
+        self.data = data
+        self.device = resolve_device(cfg.device)
+        self.out = Path(out_dir) if out_dir else None
+        seed_everything(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.model = build_unet(cfg).to(self.device)
+        self.method = build_method(cfg, self.model, self.generator, **method_extra).to(self.device)
+        s = cfg.schedule
+        self.optimizer = torch.optim.SGD(
+            self.method.param_groups(s.lr), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+        )
+        self.iteration = 0
+        self.best = {"dice": -1.0, "iteration": 0}
+        self.history: list[dict] = []
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    # ---- one step -------------------------------------------------------------------------
+    def step(self) -> dict[str, float]:
+        s = self.cfg.schedule
+        lr = poly_lr(s.lr, self.iteration, s.iterations, s.poly_power)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        img_x, mask_x = self.data.labeled.sample(s.batch_size, self.generator, self.device)
+        img_u = None
+        if self.method.uses_unlabeled and self.data.unlabeled is not None:
+            img_u, _ = self.data.unlabeled.sample(s.batch_size, self.generator, self.device)
+        self.method.train()
+        losses = self.method.train_step(img_x, mask_x, img_u)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.iteration += 1
+        return {"lr": lr, **{k: v.detach() for k, v in losses.items()}}
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def run(self, until: int | None = None, progress: bool = True) -> dict:
+        """Train up to iteration ``until`` (default: the schedule's end), evaluating and saving."""
+        s = self.cfg.schedule
+        until = min(until or s.iterations, s.iterations)
+        writer = self._tensorboard()
+        bar = tqdm(total=until, initial=self.iteration, desc=self.cfg.method.name, disable=not progress)
+        t0 = time.perf_counter()
+        while self.iteration < until:
+            logs = self.step()
+            bar.update(1)
+            if self.iteration % s.log_every == 0 or self.iteration == until:
+                row = {"iteration": self.iteration, **{k: float(v) for k, v in logs.items()}}
+                row["seconds"] = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                self._log(row, writer)
+            if self.iteration % s.eval_every == 0 or self.iteration == s.iterations:
+                if self.data.val:
+                    self.validate(writer)
+                if self.out:
+                    self.save(self.out / "last.pt")
+        bar.close()
+        if writer:
+            writer.close()
+        if self.out and self.iteration % s.eval_every:
+            self.save(self.out / "last.pt")
+        return {"iteration": self.iteration, "best": self.best}
+
+    def validate(self, writer=None) -> dict:
+        rows = evaluate_cases(
+            self.model, self.data.val, self.data.num_classes, self.cfg.data.size, self.device, distances=False
+        )
+        summary = summarize_dice(rows, self.data.class_names)
+        entry = {"iteration": self.iteration, **summary}
+        self.history.append(entry)
+        if writer:
+            for k, v in summary.items():
+                writer.add_scalar(f"val/{k}", v, self.iteration)
+        if summary["dice_mean"] > self.best["dice"]:
+            self.best = {"dice": summary["dice_mean"], "iteration": self.iteration}
+            if self.out:
+                self.save(self.out / "best.pt")
+        if self.out:
+            (self.out / "val_history.json").write_text(json.dumps(self.history, indent=1))
+        tqdm.write(
+            f"[{self.cfg.method.name}] it {self.iteration}: val Dice {summary['dice_mean']:.4f} "
+            + " ".join(
+                f"{k[5:]}={v:.3f}" for k, v in summary.items() if k.startswith("dice_") and k != "dice_mean"
+            )
+        )
+        return summary
+
+    # ---- logging ------------------------------------------------------------------------------
+    def _tensorboard(self):
+        if not self.out:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is a declared dependency; degrade rather than crash
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    def _log(self, row: dict, writer) -> None:
+        if writer:
+            for k, v in row.items():
+                if k != "iteration" and math.isfinite(v):
+                    writer.add_scalar(f"train/{k}", v, row["iteration"])
+        if not self.out:
+            return
+        path = self.out / "metrics.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "generator": self.generator.get_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "config": self.cfg.to_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "iteration": self.iteration,
+            "best": self.best,
+            "history": self.history,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.iteration = int(state["iteration"])
+        self.best = state["best"]
+        self.history = state.get("history", [])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.generator.set_state(rng["generator"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
+
+    def resume(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = "auto"):
+    """(cfg, U-Net in eval mode) from a run folder's ``config.json`` and ``<checkpoint>.pt``."""
+    run_dir = Path(run_dir)
+    for need in ("config.json", f"{checkpoint}.pt"):
+        if not (run_dir / need).is_file():
+            raise FileNotFoundError(f"{run_dir / need}: not found (is this a run folder?)")
+    cfg = TrainConfig.load(run_dir / "config.json")
+    dev = resolve_device(device)
+    state = torch.load(run_dir / f"{checkpoint}.pt", map_location=dev, weights_only=False)
+    model = build_unet(cfg).to(dev)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)})
+    model.eval()
+    return cfg, model, dev

@@ -1,0 +1,54 @@
+"""The method registry and the interface every method implements."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+class Method(nn.Module):
+    """Owns the networks it trains; ``train_step`` computes the losses of one iteration.
+
+    ``uses_unlabeled`` tells the engine whether to draw unlabeled batches at all.
+    """
+
+    name = "method"
+    uses_unlabeled = True
+
+    def __init__(self, cfg, model: nn.Module, generator: torch.Generator):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.generator = generator
+
+    def train_step(
+        self, img_x: torch.Tensor, mask_x: torch.Tensor, img_u: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """img_x (B,1,H,W), mask_x (B,H,W) long, img_u (B,1,H,W) or None -> {"loss": ..., ...}."""
+        raise NotImplementedError
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups; methods with extra trainable parts add theirs."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr}]
+
+
+def build_method(cfg, model: nn.Module, generator: torch.Generator, **extra) -> Method:
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg, model, generator, **extra)
