@@ -65,6 +65,50 @@ class MethodConfig:
 
 
 @dataclass
+class SamConfig:
+    """The SAM guide of SAM-Match (used by method ``samatch`` and the SAM cascade at inference)."""
+
+    backbone: str = "litemedsam"  # litemedsam | vit_b | vit_l | vit_h
+    checkpoint: str = ""  # empty = the packaged LiteMedSAM weights; required for vit_*
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: str = "decoder"  # decoder | encoder+decoder
+    lora_freeze_a: bool = False  # FFA-LoRA: A frozen from a shared seed, only B trained
+    lr: float = 1e-4  # AdamW on the LoRA tensors
+    warmup_fraction: float = 0.2  # first part of the schedule: Match pseudo-labels, SAM adapts on labels
+    agreement_weight: float = 0.5  # SAM's loss towards confident Match predictions (joint stage)
+    box_margin: int = 2  # pixels (network grid) added around prompt boxes
+    box_jitter: int = 5  # max random shift of ground-truth box edges when adapting SAM
+    largest_component: bool = True  # prompt boxes around the largest confident component only
+    cache_embeddings: bool = True  # frozen encoder: embed every training slice once
+    enclosed: str = ""  # nested structures, "2>3": class 2 surrounds class 3 (ACDC myocardium / LV)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"sam.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.cache_embeddings and self.lora_targets != "decoder":
+            raise ValueError("sam.cache_embeddings needs a frozen encoder (sam.lora_targets=decoder)")
+        parse_enclosed(self.enclosed)
+
+    def enclosure(self) -> dict[int, tuple[int, ...]]:
+        return parse_enclosed(self.enclosed)
+
+
+def parse_enclosed(spec: str) -> dict[int, tuple[int, ...]]:
+    """``"2>3"`` -> {2: (3,)}; ``"2>3,4>5+6"`` -> {2: (3,), 4: (5, 6)}."""
+    out: dict[int, tuple[int, ...]] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        outer, sep, inner = part.partition(">")
+        try:
+            out[int(outer)] = tuple(int(v) for v in inner.split("+"))
+        except ValueError:
+            raise ValueError(f"sam.enclosed: expected 'OUTER>INNER[+INNER]', got {part!r}") from None
+        if not sep:
+            raise ValueError(f"sam.enclosed: expected 'OUTER>INNER', got {part!r}")
+    return out
+
+
+@dataclass
 class ScheduleConfig:
     iterations: int = 30000
     batch_size: int = 12  # labeled images per step; the same number of unlabeled images
@@ -75,6 +119,7 @@ class ScheduleConfig:
     eval_every: int = 500
     log_every: int = 20
     num_workers: int = 0
+    minutes: float = 0.0  # >0: fit the run into this wall time (iterations set from a timed probe)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
@@ -86,6 +131,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
@@ -101,23 +147,27 @@ class TrainConfig:
         return from_dict(cls, json.loads(Path(path).read_text()))
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
+def coerce_value(value: Any, typ: Any, key: str) -> Any:
     """Convert ``value`` (from TOML / JSON / a CLI string) to the declared field type."""
     origin = typing.get_origin(typ)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
         inner = typing.get_args(typ)[0]
-        return tuple(_coerce(v, inner, key) for v in value)
+        return tuple(coerce_value(v, inner, key) for v in value)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
+        return None if value is None else coerce_value(value, args[0], key)
     if typ is bool:
-        if isinstance(value, str):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"{key}: expected true/false, got {value!r}")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
-        return bool(value)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if typ is str and not isinstance(value, (str, int, float)):
+        raise ValueError(f"{key}: expected a string, got {value!r}")
     if typ in (int, float, str):
         try:
             out = typ(value)
@@ -142,7 +192,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(typ):
             kwargs[name] = from_dict(typ, value, prefix + name + ".")
         else:
-            kwargs[name] = _coerce(value, typ, prefix + name)
+            kwargs[name] = coerce_value(value, typ, prefix + name)
     return cls(**kwargs)
 
 

@@ -30,14 +30,16 @@ class SliceSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def sample(
-        self, batch: int, generator: torch.Generator, device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A random batch drawn with replacement across epochs (one gather, then to ``device``)."""
+    def sample(self, batch: int, generator: torch.Generator, device):
+        """A random batch drawn with replacement (one gather, then to ``device``).
+
+        Returns images (B,1,S,S), labels (B,S,S) long or None, and the indices (B,) into this set
+        (methods that cache per-slice data, like SAM embeddings, look them up by index).
+        """
         idx = torch.randint(0, len(self), (batch,), generator=generator)
         img = self.images[idx].to(device, non_blocking=True)
         lab = None if self.labels is None else self.labels[idx].to(device, non_blocking=True).long()
-        return img, lab
+        return img, lab, idx
 
 
 def load_slices(refs: Sequence[CaseRef], size: int, with_labels: bool, desc: str = "loading") -> SliceSet:
@@ -82,6 +84,7 @@ BUDGET_UNITS = {
     "acdc-nifti": "patients",
     "busi": "images",
     "nifti": "cases",
+    "packed": "patients",
     "phantom-cardiac": "patients",
     "phantom-lesion": "patients",
 }

@@ -27,7 +27,9 @@ from samatch.models.unet import build_unet
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: U-Net / SAM do not need full fp32
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     return torch.device(name)
@@ -46,6 +48,8 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path | None = None, **method_extra):
+        if cfg.model.num_classes == 0:  # "from the dataset"
+            cfg.model.num_classes = data.num_classes
         self.cfg = cfg
         self.data = data
         self.device = resolve_device(cfg.device)
@@ -53,11 +57,16 @@ class Trainer:
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_unet(cfg).to(self.device)
-        self.method = build_method(cfg, self.model, self.generator, **method_extra).to(self.device)
+        self.method = build_method(
+            cfg, self.model, self.generator, data=data, device=self.device, **method_extra
+        )
+        self.method.to(self.device)
         s = cfg.schedule
         self.optimizer = torch.optim.SGD(
             self.method.param_groups(s.lr), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
         )
+        # Methods with extra trainable parts (SAM-Match's LoRA) bring their own optimizers.
+        self.optimizers = [self.optimizer, *self.method.extra_optimizers()]
         self.iteration = 0
         self.best = {"dice": -1.0, "iteration": 0}
         self.history: list[dict] = []
@@ -70,15 +79,18 @@ class Trainer:
         lr = poly_lr(s.lr, self.iteration, s.iterations, s.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        img_x, mask_x = self.data.labeled.sample(s.batch_size, self.generator, self.device)
-        img_u = None
+        img_x, mask_x, idx_x = self.data.labeled.sample(s.batch_size, self.generator, self.device)
+        img_u = idx_u = None
         if self.method.uses_unlabeled and self.data.unlabeled is not None:
-            img_u, _ = self.data.unlabeled.sample(s.batch_size, self.generator, self.device)
+            img_u, _, idx_u = self.data.unlabeled.sample(s.batch_size, self.generator, self.device)
         self.method.train()
-        losses = self.method.train_step(img_x, mask_x, img_u)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.method.iteration = self.iteration
+        losses = self.method.train_step(img_x, mask_x, img_u, idx_x=idx_x, idx_u=idx_u)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
-        self.optimizer.step()
+        for opt in self.optimizers:
+            opt.step()
         self.iteration += 1
         return {"lr": lr, **{k: v.detach() for k, v in losses.items()}}
 
@@ -89,10 +101,20 @@ class Trainer:
         until = min(until or s.iterations, s.iterations)
         writer = self._tensorboard()
         bar = tqdm(total=until, initial=self.iteration, desc=self.cfg.method.name, disable=not progress)
-        t0 = time.perf_counter()
+        t0 = self._t_run0 = time.perf_counter()
+        t_probe = t0
+        # Time budget: time steps 10..30 (the first ones pay for CUDA / cuDNN start-up).
+        probe_start, probe_end = (self.iteration + 10, self.iteration + 30) if s.minutes > 0 else (-1, -1)
         while self.iteration < until:
             logs = self.step()
             bar.update(1)
+            if self.iteration == probe_start:
+                self._sync()
+                t_probe = time.perf_counter()
+            if self.iteration == probe_end:
+                self._sync()
+                until = self._fit_time_budget(time.perf_counter() - t_probe, 20, until)
+                bar.total = until
             if self.iteration % s.log_every == 0 or self.iteration == until:
                 row = {"iteration": self.iteration, **{k: float(v) for k, v in logs.items()}}
                 row["seconds"] = time.perf_counter() - t0
@@ -109,6 +131,32 @@ class Trainer:
         if self.out and self.iteration % s.eval_every:
             self.save(self.out / "last.pt")
         return {"iteration": self.iteration, "best": self.best}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _fit_time_budget(self, seconds: float, steps: int, until: int) -> int:
+        """After a timed probe, cut schedule.iterations so the run fits ``schedule.minutes``.
+
+        The wall time counts from the start of ``run``; the poly schedule then decays over the new
+        length, and config.json records it. Staged methods whose later steps cost more (SAM-Match's
+        joint stage) can overrun: give them their own budget.
+        """
+        s = self.cfg.schedule
+        spent = time.perf_counter() - self._t_run0
+        left = s.minutes * 60 * 0.9 - spent  # 10% kept for validation and saving
+        fit = self.iteration + int(max(0.0, left) / (seconds / steps))
+        new_total = max(self.iteration + 1, min(s.iterations, fit))
+        if new_total < s.iterations:
+            tqdm.write(
+                f"[{self.cfg.method.name}] {seconds / steps:.3f} s/it: {new_total} iterations "
+                f"fit {s.minutes} min (schedule asked {s.iterations})"
+            )
+            s.iterations = new_total
+            if self.out:
+                self.cfg.save(self.out / "config.json")
+        return min(until, s.iterations)
 
     def validate(self, writer=None) -> dict:
         rows = evaluate_cases(
@@ -152,12 +200,21 @@ class Trainer:
         if not self.out:
             return
         path = self.out / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
+        rows = []
+        if path.exists():
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        fields = list(rows[0]) if rows else []
+        if set(row) - set(fields):  # a loss that appears later (a stage change): widen the table
+            fields += [k for k in row if k not in fields]
+            rows.append(row)
+            with path.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields, restval="")
                 w.writeheader()
-            w.writerow(row)
+                w.writerows(rows)
+            return
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields, restval="").writerow(row)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -171,8 +228,9 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "config": self.cfg.to_dict(),
-            "method": self.method.state_dict(),
+            "method": self.method.checkpoint_state(),
             "optimizer": self.optimizer.state_dict(),
+            "extra_optimizers": [o.state_dict() for o in self.optimizers[1:]],
             "iteration": self.iteration,
             "best": self.best,
             "history": self.history,
@@ -180,8 +238,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.method.load_state_dict(state["method"])
+        self.method.load_checkpoint_state(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for opt, sd in zip(self.optimizers[1:], state.get("extra_optimizers", []), strict=True):
+            opt.load_state_dict(sd)
         self.iteration = int(state["iteration"])
         self.best = state["best"]
         self.history = state.get("history", [])

@@ -5,6 +5,7 @@ back-propagated). Register new ones with :func:`register`.
 
 # Importing the modules registers their methods.
 from samatch.methods import match as _match  # noqa: F401  (supervised, fixmatch, unimatch)
+from samatch.methods import sam_guided as _sam_guided  # noqa: F401  (samatch)
 from samatch.methods.base import METHODS, Method, build_method, register
 
 __all__ = ["METHODS", "Method", "build_method", "register"]

@@ -30,17 +30,31 @@ class Method(nn.Module):
     name = "method"
     uses_unlabeled = True
 
-    def __init__(self, cfg, model: nn.Module, generator: torch.Generator):
+    def __init__(self, cfg, model: nn.Module, generator: torch.Generator, **context):
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.generator = generator
+        self.iteration = 0  # set by the engine before each step (for staged methods)
 
     def train_step(
-        self, img_x: torch.Tensor, mask_x: torch.Tensor, img_u: torch.Tensor | None
+        self, img_x: torch.Tensor, mask_x: torch.Tensor, img_u: torch.Tensor | None, **batch_info
     ) -> dict[str, torch.Tensor]:
-        """img_x (B,1,H,W), mask_x (B,H,W) long, img_u (B,1,H,W) or None -> {"loss": ..., ...}."""
+        """img_x (B,1,H,W), mask_x (B,H,W) long, img_u (B,1,H,W) or None -> {"loss": ..., ...}.
+
+        ``batch_info`` carries ``idx_x`` / ``idx_u``, the batch's indices into the slice sets.
+        """
         raise NotImplementedError
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of this method (U-Net tensors under ``model.``)."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state)
 
     def param_groups(self, lr: float) -> list[dict]:
         """Optimizer parameter groups; methods with extra trainable parts add theirs."""

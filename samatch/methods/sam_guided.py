@@ -1,0 +1,221 @@
+"""SAM-Match: UniMatch whose pseudo-labels are refined by a LoRA-adapted SAM, trained jointly.
+
+Per step (shapes for B images, C classes, network size S, SAM grid 256):
+
+1. UniMatch forward on the weak view gives ``pred_u_w`` (B,C,S,S). Its logits are warped back to
+   the *original* frame with the inverse of the weak view's affine, so SAM works on un-augmented
+   images and a frozen encoder's embeddings can be computed once and cached (``sam.cache_embeddings``).
+2. Confident pixels per class -> one box per foreground class (largest component, margin), all
+   decoded from the same image embedding: ``sam.decode`` (B, C-1, 256, 256).
+3. Nested structures (``sam.enclosed = "2>3"``: ACDC's myocardium surrounds the LV): a box around a
+   ring makes SAM segment the filled disk, so the outer class is prompted with the box of
+   outer + inner, and its probability is ``p_filled_outer * (1 - p_filled_inner)``: the ring.
+4. ``fuse`` turns SAM's per-class probabilities (Match's where a class got no prompt) into one
+   pseudo-label and a confidence; both are warped into the weak view and replace UniMatch's.
+5. SAM's own loss: Dice + BCE on labeled slices with jittered ground-truth boxes (always), plus,
+   after warm-up, agreement with confident Match predictions on unlabeled slices.
+
+Stages: during the first ``sam.warmup_fraction`` of the schedule Match trains on its own
+pseudo-labels (stage 1) while SAM adapts on the labeled slices (stage 2, run concurrently because
+it does not depend on Match); after that both train jointly (stage 3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from samatch.fusion import fuse
+from samatch.losses import binary_ce_loss, binary_dice_loss
+from samatch.methods.base import register
+from samatch.methods.match import UniMatch
+from samatch.models.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
+from samatch.models.sam import build_sam
+from samatch.prompts import boxes_from_masks, confident_masks, jitter_boxes, largest_component
+
+SAM_GRID = 256
+
+
+def invert_affine(theta: torch.Tensor) -> torch.Tensor:
+    """(B, 2, 3) -> the inverse maps, (B, 2, 3)."""
+    a_inv = torch.linalg.inv(theta[:, :, :2])
+    return torch.cat([a_inv, -a_inv @ theta[:, :, 2:]], dim=2)
+
+
+def filled_masks(masks: torch.Tensor, enclosed: dict[int, tuple[int, ...]]) -> torch.Tensor:
+    """(B, C-1, H, W) per-class masks -> the same with each outer class OR-ed with what it encloses."""
+    out = masks.clone()
+    for outer, inners in enclosed.items():
+        for inner in inners:
+            out[:, outer - 1] |= masks[:, inner - 1]
+    return out
+
+
+def ring_probs(filled: torch.Tensor, enclosed: dict[int, tuple[int, ...]]) -> torch.Tensor:
+    """(B, C-1, H, W) filled-shape probabilities -> class probabilities (outer minus inner)."""
+    out = filled.clone()
+    for outer, inners in enclosed.items():
+        for inner in inners:
+            out[:, outer - 1] = out[:, outer - 1] * (1 - filled[:, inner - 1])
+    return out
+
+
+class SamGuidance(torch.nn.Module):
+    """The SAM side, usable by the method during training and by the cascade at inference."""
+
+    def __init__(self, cfg, num_classes: int):
+        super().__init__()
+        sc = cfg.sam
+        self.cfg = sc
+        self.num_classes = num_classes
+        self.enclosed = sc.enclosure()
+        for outer, inners in self.enclosed.items():
+            if not all(0 < c < num_classes for c in (outer, *inners)):
+                raise ValueError(f"sam.enclosed={sc.enclosed!r} names classes outside 1..{num_classes - 1}")
+        self.sam = build_sam(sc.backbone, sc.checkpoint or None)
+        lora = LoraSettings(
+            rank=sc.lora_rank,
+            alpha=sc.lora_alpha,
+            targets=sc.lora_targets,
+            freeze_a=sc.lora_freeze_a,
+            seed=cfg.seed,
+        )
+        add_lora(self.sam, lora)
+        self.cache: dict[str, torch.Tensor] = {}  # not a buffer: never saved or sent
+
+    # ---- embeddings ---------------------------------------------------------------------------
+    def encoder_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.sam.image_encoder.parameters())
+
+    @torch.no_grad()
+    def build_cache(self, name: str, images: torch.Tensor, device, batch: int = 16) -> None:
+        """Embed a whole slice set once: images (N,1,S,S) -> cache[name] (N,256,64,64) fp16 on device."""
+        self.sam.eval()
+        parts = [
+            self.sam.encode(images[i : i + batch].to(device)).half() for i in range(0, len(images), batch)
+        ]
+        self.cache[name] = torch.cat(parts)
+
+    def embed(self, images: torch.Tensor, name: str | None = None, idx: torch.Tensor | None = None):
+        """(B,1,S,S) -> (B,256,64,64), from the cache when it has this set."""
+        if name in self.cache and idx is not None:
+            return self.cache[name][idx.to(self.cache[name].device)].float()
+        if self.encoder_trainable():
+            return self.sam.encode(images)
+        with torch.no_grad():
+            return self.sam.encode(images)
+
+    # ---- prompts and decoding ----------------------------------------------------------------------
+    def boxes(self, masks: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C-1, S, S) bool class masks -> boxes (B, C-1, 4) on the SAM grid, valid (B, C-1)."""
+        filled = filled_masks(masks, self.enclosed)
+        if largest:
+            filled = largest_component(filled, max_iters=64)
+        boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
+        return boxes * (SAM_GRID / masks.shape[-1]), valid
+
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """Filled-shape logits at network size: (B, C-1, size, size)."""
+        logits = self.sam.decode(emb, boxes)  # (B, C-1, 256, 256)
+        if size != SAM_GRID:
+            logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        return logits
+
+    def refine(self, probs: torch.Tensor, filled_logits: torch.Tensor, valid: torch.Tensor):
+        """Match probs (B,C,S,S) + SAM filled logits -> fused pseudo-label (B,S,S), conf (B,S,S)."""
+        p = ring_probs(torch.sigmoid(filled_logits.float()), self.enclosed)
+        return fuse(probs, torch.logit(p.clamp(1e-6, 1 - 1e-6)), valid)
+
+    @torch.no_grad()
+    def cascade(self, images: torch.Tensor, logits: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Inference: Match logits (B,C,S,S) -> boxes -> SAM -> fused probabilities-as-one-hot (B,C,S,S)."""
+        probs = logits.float().softmax(1)
+        masks = confident_masks(probs, threshold)
+        boxes, valid = self.boxes(masks, self.cfg.largest_component)
+        filled = self.decode(self.embed(images), boxes, images.shape[-1])
+        pseudo, _ = self.refine(probs, filled, valid)
+        return F.one_hot(pseudo, self.num_classes).permute(0, 3, 1, 2).float()
+
+
+@register("samatch")
+class SamMatch(UniMatch):
+    def __init__(self, cfg, model, generator, data=None, device="cpu", **context):
+        super().__init__(cfg, model, generator)
+        self.guide = SamGuidance(cfg, cfg.model.num_classes)
+        self.guide.to(device)
+        self.box_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        if cfg.sam.cache_embeddings and data is not None:
+            self.guide.build_cache("labeled", data.labeled.images, device)
+            if data.unlabeled is not None:
+                self.guide.build_cache("unlabeled", data.unlabeled.images, device)
+        params = [p for p in self.guide.parameters() if p.requires_grad]
+        self.sam_optimizer = torch.optim.AdamW(params, lr=cfg.sam.lr, weight_decay=0.01)
+
+    def extra_optimizers(self):
+        return [self.sam_optimizer]
+
+    def joint(self) -> bool:
+        return self.iteration >= int(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
+
+    def pseudo_targets(self, pred_u_w, img_u=None, theta_u=None, idx_u=None, **ctx):
+        if not self.joint():
+            return super().pseudo_targets(pred_u_w)
+        g = self.guide
+        size = img_u.shape[-1]
+        # Match's view of the original frame: warp logits back (outside the view: uniform, unconfident).
+        grid = F.affine_grid(invert_affine(theta_u), list(pred_u_w.shape), align_corners=False)
+        logits_raw = F.grid_sample(pred_u_w.detach().float(), grid, mode="bilinear", align_corners=False)
+        probs_raw = logits_raw.softmax(1)  # (B, C, S, S)
+        masks = confident_masks(probs_raw, self.cfg.method.threshold)  # (B, C-1, S, S)
+        boxes, valid = g.boxes(masks, self.cfg.sam.largest_component)
+        filled_logits = g.decode(g.embed(img_u, "unlabeled", idx_u), boxes, size)  # with grad (LoRA)
+        pseudo_raw, conf_raw = g.refine(probs_raw, filled_logits.detach(), valid)
+        # SAM learns from confident Match predictions (agreement), on the prompts it was given.
+        target = filled_masks(
+            F.one_hot(probs_raw.argmax(1), self.cfg.model.num_classes).permute(0, 3, 1, 2)[:, 1:].bool(),
+            g.enclosed,
+        )
+        weight = (
+            (probs_raw.max(1).values >= self.cfg.method.threshold).float()[:, None].expand_as(filled_logits)
+        )
+        bce = F.binary_cross_entropy_with_logits(
+            filled_logits, target.float(), weight=weight, reduction="none"
+        )
+        per_prompt = bce.mean((2, 3))  # (B, C-1)
+        self._agreement = (per_prompt * valid).sum() / valid.sum().clamp_min(1)
+        # Into the weak view: nearest for the label, bilinear for the confidence (0 outside the view).
+        theta_grid = F.affine_grid(theta_u, [img_u.shape[0], 1, size, size], align_corners=False)
+        mask_u_w = F.grid_sample(pseudo_raw[:, None].float(), theta_grid, mode="nearest", align_corners=False)
+        conf_u_w = F.grid_sample(conf_raw[:, None], theta_grid, mode="bilinear", align_corners=False)
+        return conf_u_w[:, 0], mask_u_w[:, 0].long()
+
+    def aux_losses(self, img_x=None, mask_x=None, idx_x=None, **ctx):
+        g = self.guide
+        c = self.cfg.model.num_classes
+        classes = torch.arange(1, c, device=mask_x.device).view(1, -1, 1, 1)
+        target = filled_masks(mask_x[:, None] == classes, g.enclosed)  # (B, C-1, S, S)
+        boxes, valid = g.boxes(target, largest=False)
+        boxes = jitter_boxes(
+            boxes, valid, (SAM_GRID, SAM_GRID), self.cfg.sam.box_jitter, generator=self.box_gen
+        )
+        logits = g.decode(g.embed(img_x, "labeled", idx_x), boxes, mask_x.shape[-1])
+        loss_sam = binary_dice_loss(logits, target.float(), valid) + binary_ce_loss(
+            logits, target.float(), valid
+        )
+        agreement = self.__dict__.pop("_agreement", None)  # set by pseudo_targets in the joint stage
+        if agreement is None:
+            agreement = torch.zeros((), device=logits.device)
+        return {"loss_sam_x": loss_sam, "loss_sam_agree": self.cfg.sam.agreement_weight * agreement}
+
+    # Checkpoints hold the U-Net and the LoRA tensors only: the frozen SAM base is rebuilt from its file.
+    def checkpoint_state(self):
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state.update({f"sam_lora.{k}": v for k, v in lora_state_dict(self.guide.sam).items()})
+        return state
+
+    def load_checkpoint_state(self, state):
+        self.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        lora = {k[9:]: v for k, v in state.items() if k.startswith("sam_lora.")}
+        load_lora_state_dict(
+            self.guide.sam, {k: v.to(next(self.guide.parameters()).device) for k, v in lora.items()}
+        )

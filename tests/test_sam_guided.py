@@ -1,0 +1,51 @@
+"""SAM-Match helpers with hand-computed values; the full step runs in tests/test_federation.py."""
+
+import math
+
+import torch
+
+from samatch.methods.sam_guided import filled_masks, invert_affine, ring_probs
+from samatch.transforms import apply_affine
+
+
+def test_invert_affine_of_a_rotation_is_its_transpose():
+    # Prepare: 30 degrees and a flip, no translation.
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    theta = torch.tensor([[[-c, -s, 0.0], [-s, c, 0.0]]])
+    # Execute
+    inv = invert_affine(theta)
+    # Assert: A^-1 = A^T for an orthogonal A, and the translation stays 0.
+    assert torch.allclose(inv[0, :, :2], theta[0, :, :2].T, atol=1e-6)
+    assert torch.allclose(inv[0, :, 2], torch.zeros(2))
+
+
+def test_warp_then_inverse_warp_returns_the_label_for_right_angles():
+    label = torch.zeros(1, 8, 8, dtype=torch.long)
+    label[0, 1:3, 2:7] = 2
+    label[0, 5, 0] = 1
+    theta = torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]])  # 90 degrees
+    image = torch.zeros(1, 1, 8, 8)
+    _, warped = apply_affine(image, label, theta)
+    _, back = apply_affine(image, warped, invert_affine(theta))
+    assert not torch.equal(warped, label)
+    assert torch.equal(back, label)
+
+
+def test_filled_masks_adds_the_enclosed_class_to_the_outer_one():
+    # Classes 1..3 -> channels 0..2; class 2 encloses class 3.
+    masks = torch.zeros(1, 3, 1, 4, dtype=torch.bool)
+    masks[0, 0, 0, 0] = True  # class 1 at x=0
+    masks[0, 1, 0, 1] = True  # class 2 (ring) at x=1
+    masks[0, 2, 0, 2] = True  # class 3 (inside) at x=2
+    out = filled_masks(masks, {2: (3,)})
+    assert out[0, 0, 0].tolist() == [True, False, False, False]
+    assert out[0, 1, 0].tolist() == [False, True, True, False]
+    assert out[0, 2, 0].tolist() == [False, False, True, False]
+    assert masks[0, 1, 0].tolist() == [False, True, False, False]  # input untouched
+
+
+def test_ring_probs_is_outer_times_not_inner():
+    filled = torch.tensor([[[[0.9]], [[0.8]], [[0.5]]]])  # (1, 3, 1, 1): p1, p_filled2, p_filled3
+    out = ring_probs(filled, {2: (3,)})
+    assert torch.allclose(out.flatten(), torch.tensor([0.9, 0.8 * (1 - 0.5), 0.5]))
+    assert torch.equal(ring_probs(filled, {}), filled)
