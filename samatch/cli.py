@@ -14,6 +14,7 @@ from samatch.io.base import DataError
 # (command words, module, help). The module provides add_arguments(parser) and run(args) -> int.
 COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("data", "check"), "samatch.datacheck", "summarize a dataset folder and report bad files"),
+    (("data", "pack"), "samatch.commands.pack", "write a compact preprocessed .npz of a training setup"),
     (("train",), "samatch.commands.train", "train one method on one dataset (centralized)"),
     (("evaluate",), "samatch.commands.evaluate", "evaluate a run on a split at native resolution"),
     (("predict",), "samatch.commands.predict", "segment NIfTI / PNG files or folders with a run"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from samatch.config import TrainConfig, load_config, parse_set_args
+from samatch.config import TrainConfig, apply_overrides, load_config, parse_set_args
 from samatch.data import build_train_data
 from samatch.methods import METHODS
 
@@ -52,7 +52,8 @@ def run(args) -> int:
     if args.resume:
         if not (out / "last.pt").is_file():
             raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume")
-        cfg = TrainConfig.load(out / "config.json")
+        # The saved config, with what this command line changes (e.g. a longer --iterations).
+        cfg = apply_overrides(TrainConfig.load(out / "config.json"), _overrides(args))
     else:
         cfg = load_config(args.config, _overrides(args))
         if not cfg.data.root and not cfg.data.format.startswith("phantom-"):

@@ -12,6 +12,7 @@ from samatch.io.base import Case, CaseMeta, CaseRef, DataError, Reader
 from samatch.io.busi import BusiReader
 from samatch.io.labelmap import PRESETS, LabelMap, parse_label_map
 from samatch.io.nifti import NiftiReader
+from samatch.io.packed import PackedReader
 
 # Detection tries formats in this order; the generic NIfTI layout goes last as the loosest match.
 READERS: dict[str, type[Reader]] = {}
@@ -23,13 +24,15 @@ def register_reader(cls: type[Reader]) -> type[Reader]:
     return cls
 
 
-for _cls in (AcdcH5Reader, AcdcNiftiReader, BusiReader, NiftiReader):
+for _cls in (AcdcH5Reader, AcdcNiftiReader, BusiReader, NiftiReader, PackedReader):
     register_reader(_cls)
 
 
 def detect_format(root: str | Path) -> str:
     """Name of the first registered format whose layout ``root`` matches; DataError if none does."""
     root = Path(root)
+    if root.is_file() and PackedReader.detect(root):
+        return PackedReader.name
     if not root.is_dir():
         raise DataError(root, "folder not found")
     for name, cls in READERS.items():
