@@ -29,6 +29,18 @@ def require_dir(path: Path, what: str) -> Path:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """One intra-op thread for the suite: the tests' tensors are tiny, and on a busy 2-core machine
+    torch's spinning worker threads made small steps 10-20x slower (measured)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return require_dir(SHARED_DATA, "shared real data")

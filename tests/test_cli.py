@@ -1,0 +1,267 @@
+"""`samatch train / evaluate / predict / compare` end to end on the built-in phantom, tiny settings.
+
+Runs in-process through ``samatch.cli.main`` (fast), plus subprocesses for the error contract:
+bad input ends with exit code 2 and one stderr line, never a traceback.
+"""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from samatch.cli import main
+from samatch.engine import load_run_model
+from samatch.evaluate import predict_label
+
+TINY_SETS = [
+    "data.size=32",
+    "model.base_channels=4",
+    "schedule.batch_size=2",
+    "schedule.eval_every=2",
+    "schedule.log_every=2",
+]
+
+
+def train_argv(out: Path, method: str, iterations: int = 4, *extra: str) -> list[str]:
+    argv = ["train", "--format", "phantom-cardiac", "--method", method, "--out", str(out)]
+    argv += ["--iterations", str(iterations), "--device", "cpu", "--quiet"]
+    for s in TINY_SETS:
+        argv += ["--set", s]
+    return argv + list(extra)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two trained and evaluated phantom runs: supervised and unimatch, 4 iterations each."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in ("supervised", "unimatch"):
+        run = root / method
+        assert main(train_argv(run, method)) == 0
+        assert main(["evaluate", "--run", str(run), "--device", "cpu"]) == 0
+        out[method] = run
+    return out
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "samatch.cli", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+def test_train_writes_the_run_folder(runs):
+    run = runs["supervised"]
+    for name in ("config.json", "splits.json", "best.pt", "last.pt", "metrics.csv", "val_history.json"):
+        assert (run / name).is_file(), name
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["method"]["name"] == "supervised"
+    assert cfg["schedule"]["iterations"] == 4 and cfg["data"]["size"] == 32
+    assert cfg["model"]["num_classes"] == 4  # resolved from the dataset before saving
+    splits = json.loads((run / "splits.json").read_text())
+    assert splits["patients"]["labeled"] == ["site0_p000", "site0_p001", "site0_p002"]
+    assert len(splits["val"]) == 2
+    assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 4
+
+
+def test_evaluate_writes_cases_and_summary(runs):
+    out = runs["supervised"] / "eval_val"
+    rows = list(csv.DictReader((out / "cases.csv").open()))
+    assert len(rows) == 2 * 3  # 2 validation volumes x 3 foreground classes
+    assert {r["class"] for r in rows} == {"1", "2", "3"}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["classes"]) == {"1", "2", "3"}
+    dice = [float(r["dice"]) for r in rows]
+    assert summary["mean"]["dice"] == pytest.approx(np.mean(dice))  # equal class counts: mean of means
+
+
+def test_resume_after_completion_does_nothing_more(runs, tmp_path):
+    # Prepare
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    before = torch.load(run / "last.pt", weights_only=False)
+    metrics_before = (run / "metrics.csv").read_text()
+
+    # Execute
+    code = main(["train", "--out", str(run), "--resume", "--quiet"])
+
+    # Assert
+    assert code == 0
+    after = torch.load(run / "last.pt", weights_only=False)
+    assert after["iteration"] == 4
+    assert all(torch.equal(before["method"][k], after["method"][k]) for k in before["method"])
+    assert (run / "metrics.csv").read_text() == metrics_before
+
+
+def test_resume_continues_to_the_iterations_of_config_json(runs, tmp_path):
+    # Prepare: --resume reloads the run's config.json, so raising the budget means editing it
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["schedule"]["iterations"] = 6
+    (run / "config.json").write_text(json.dumps(cfg))
+
+    # Execute
+    code = main(["train", "--out", str(run), "--resume", "--quiet"])
+
+    # Assert
+    assert code == 0
+    assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 6
+    history = json.loads((run / "val_history.json").read_text())
+    assert [h["iteration"] for h in history] == [2, 4, 6]
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [2, 4, 6]
+
+
+def test_resume_with_more_iterations_is_not_silently_ignored(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    code = main(["train", "--out", str(run), "--resume", "--iterations", "6", "--quiet"])
+    assert code == 0
+    assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 6
+
+
+def test_resume_without_a_checkpoint_is_exit_2(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and err.count("\n") == 1
+
+
+def nifti_with_affine(path: Path, seed: int = 0) -> nib.Nifti1Image:
+    """Random (x, y, z) = (40, 40, 3) float volume with a rotated, scaled and shifted affine."""
+    data = np.random.default_rng(seed).random((40, 40, 3)).astype(np.float32)
+    data[10:25, 12:30, :] += 1.0  # some structure, so the prediction is not constant
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.array(
+        [[1.4 * c, -1.4 * s, 0.0, -20.0], [1.4 * s, 1.4 * c, 0.0, 35.5], [0.0, 0.0, 8.0, 12.0], [0, 0, 0, 1]]
+    )
+    img = nib.Nifti1Image(data, affine)
+    nib.save(img, str(path))
+    return nib.load(str(path))
+
+
+def test_predict_nifti_keeps_affine_shape_and_orientation(runs, tmp_path):
+    # Prepare
+    src = nifti_with_affine(tmp_path / "scan.nii.gz")
+    dst = tmp_path / "out" / "pred.nii.gz"
+
+    # Execute
+    code = main(["predict", "--run", str(runs["supervised"]), str(tmp_path / "scan.nii.gz"), str(dst)])
+
+    # Assert
+    assert code == 0
+    out = nib.load(str(dst))
+    assert out.shape == (40, 40, 3)
+    assert np.array_equal(out.affine, src.affine)
+    assert out.get_data_dtype() == np.uint8
+    pred = np.asanyarray(out.dataobj)
+    assert pred.dtype == np.uint8 and pred.max() < 4
+    # Same voxels as predicting the (z, y, x) array directly: no axis was swapped on the way back
+    _, model, device = load_run_model(runs["supervised"], "best", "cpu")
+    expected = predict_label(model, np.asanyarray(src.dataobj).transpose(2, 1, 0), 32, device)
+    assert np.array_equal(pred, expected.transpose(2, 1, 0))
+
+
+def test_predict_png_keeps_the_size(runs, tmp_path):
+    # Prepare: 30 rows x 50 columns, not square, not the network size
+    pixels = np.random.default_rng(1).integers(0, 256, (30, 50), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "us.png")
+
+    # Execute
+    code = main(
+        ["predict", "--run", str(runs["supervised"]), str(tmp_path / "us.png"), str(tmp_path / "p.png")]
+    )
+
+    # Assert
+    assert code == 0
+    with Image.open(tmp_path / "p.png") as im:
+        assert im.size == (50, 30)
+        assert np.asarray(im).max() < 4  # class indices, not stretched without --scale
+
+
+def test_predict_folder_with_overlays(runs, tmp_path):
+    # Prepare: two images, a mask file and a text file that are not inputs
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("a.png", "b.png", "b_mask.png"):
+        Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8)).save(src / name)
+    (src / "notes.txt").write_text("not an image")
+
+    # Execute
+    code = main(["predict", "--run", str(runs["supervised"]), str(src), str(tmp_path / "out"), "--overlay"])
+
+    # Assert
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["a.png", "a_overlay.png", "b.png", "b_overlay.png"]
+    with Image.open(tmp_path / "out" / "a.png") as im:
+        assert im.size == (20, 24)
+
+
+def test_compare_prints_both_runs(runs, capsys):
+    # Execute
+    code = main(["compare", str(runs["supervised"]), str(runs["unimatch"])])
+
+    # Assert
+    out = capsys.readouterr().out
+    assert code == 0
+    assert str(runs["supervised"]) in out  # the reference, in the heading
+    table = out.splitlines()[-2:]  # header row and one comparison row
+    assert table[0].split()[:2] == ["run", "n"]
+    assert table[1].split()[:2] == [str(runs["unimatch"]), "2"]
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("samatch: error: ")
+    return lines[0]
+
+
+def test_missing_run_folder_is_one_line_exit_2(tmp_path):
+    line = one_error_line(run_cli("evaluate", "--run", str(tmp_path / "no_such_run"), "--device", "cpu"))
+    assert "no_such_run" in line and "config.json" in line
+
+
+def test_unknown_set_key_is_one_line_exit_2(tmp_path, capsys):
+    code = main(
+        ["train", "--format", "phantom-cardiac", "--out", str(tmp_path / "r"), "--set", "data.sise=64"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == "samatch: error: unknown config key: data.sise\n"
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["train", "--out", "{tmp}/r"], "--data ROOT is required"),
+        (["train", "--format", "phantom-cardiac", "--out", "{tmp}/r", "--set", "data.size=40"], "data.size"),
+        (["train", "--format", "phantom-cardiac", "--out", "{tmp}/r", "--set", "data.size"], "key=value"),
+        (["predict", "--run", "{run}", "{tmp}/notes.txt", "{tmp}/o.png"], "unsupported file type"),
+        (["predict", "--run", "{run}", "{tmp}/missing.png", "{tmp}/o.png"], "no such file or folder"),
+        (["compare", "{run}", "{tmp}"], "run `samatch evaluate`"),
+        (["compare", "{run}"], "at least two runs"),
+    ],
+)
+def test_bad_inputs_in_process(runs, tmp_path, capsys, argv, expect):
+    (tmp_path / "notes.txt").write_text("x")
+    argv = [a.format(tmp=tmp_path, run=runs["supervised"]) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("samatch: error: ") and err.count("\n") == 1
+    assert expect in err

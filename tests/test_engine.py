@@ -1,0 +1,215 @@
+"""samatch.engine: poly learning rate, the training loop on phantom data, exact resume, run outputs."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from samatch.config import TrainConfig, apply_overrides
+from samatch.data import build_train_data
+from samatch.engine import Trainer, load_run_model, poly_lr
+
+TINY = {
+    "data.format": "phantom-cardiac",
+    "data.root": "0",
+    "data.size": 32,
+    "model.base_channels": 4,
+    "model.num_classes": 4,  # Trainer does not resolve 0 ("from the dataset"); build_train_data does
+    "schedule.batch_size": 2,
+    "schedule.iterations": 4,
+    "schedule.eval_every": 1000,
+    "schedule.log_every": 1000,
+    "device": "cpu",
+}
+
+
+def tiny_cfg(**extra) -> TrainConfig:
+    return apply_overrides(TrainConfig(), {**TINY, **extra})
+
+
+@pytest.fixture(scope="module")
+def phantom_data():
+    """Phantom site 0 at 32 px: 3 labeled + 5 unlabeled patients (6 slices each), 2 val volumes."""
+    cfg = tiny_cfg()
+    data = build_train_data(cfg)
+    return cfg, data
+
+
+@pytest.mark.parametrize(
+    "it,total,expected",
+    [
+        (0, 100, 0.01),
+        (50, 100, 0.01 * 0.5**0.9),  # 0.005359
+        (99, 100, 0.01 * 0.01**0.9),  # 0.0001585
+        (100, 100, 0.0),
+        (150, 100, 0.0),  # past the end: clamped, never negative (nor a complex power)
+    ],
+)
+def test_poly_lr_hand_values(it, total, expected):
+    lr = poly_lr(0.01, it, total, 0.9)
+    assert isinstance(lr, float)
+    assert lr == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+def test_poly_lr_is_non_increasing_and_never_negative():
+    lrs = [poly_lr(0.03, it, 10, 0.9) for it in range(15)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert min(lrs) == 0.0
+
+
+def test_phantom_train_data_shapes(phantom_data):
+    _, data = phantom_data
+    assert data.labeled.images.shape == (18, 1, 32, 32)  # 3 patients x 6 slices
+    assert data.labeled.labels.shape == (18, 32, 32)
+    assert len(data.unlabeled) == 30 and data.unlabeled.labels is None
+    assert len(data.val) == 2 and data.val[0].image.shape == (6, 32, 32)
+    assert data.num_classes == 4
+
+
+def test_run_stops_exactly_at_the_schedule(phantom_data):
+    # Prepare
+    cfg, data = phantom_data
+    trainer = Trainer(cfg, data)
+
+    # Execute
+    partial = trainer.run(until=3, progress=False)
+    result = trainer.run(until=100, progress=False)  # clamped to schedule.iterations = 4
+    again = trainer.run(progress=False)
+
+    # Assert
+    assert partial["iteration"] == 3
+    assert result["iteration"] == 4
+    assert again["iteration"] == 4 and trainer.iteration == 4
+
+
+def test_step_reports_the_poly_lr_and_sets_it_on_the_optimizer(phantom_data):
+    cfg, data = phantom_data
+    trainer = Trainer(cfg, data)
+    logs = [trainer.step() for _ in range(2)]
+    assert logs[0]["lr"] == cfg.schedule.lr  # iteration 0
+    assert logs[1]["lr"] == pytest.approx(cfg.schedule.lr * 0.75**0.9)  # iteration 1 of 4
+    assert trainer.optimizer.param_groups[0]["lr"] == logs[1]["lr"]
+    assert all(torch.isfinite(v).all() for v in logs[1].values() if isinstance(v, torch.Tensor))
+
+
+def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["supervised", "unimatch"])
+def test_resume_is_exact(phantom_data, tmp_path, method):
+    # Prepare
+    _, data = phantom_data
+    cfg = tiny_cfg(**{"schedule.iterations": 6, "method.name": method})
+
+    # Execute: 6 iterations straight, versus 3 + save + a fresh Trainer + resume + 3
+    straight = Trainer(cfg, data)
+    straight.run(progress=False)
+    first = Trainer(cfg, data)
+    first.run(until=3, progress=False)
+    first.save(tmp_path / "mid.pt")
+    torch.manual_seed(1234)  # scramble the global RNG: resume must restore it
+    second = Trainer(cfg, data)
+    second.resume(tmp_path / "mid.pt")
+    assert second.iteration == 3
+    second.run(progress=False)
+
+    # Assert: every tensor bit-identical (weights, BatchNorm statistics), and the momentum buffers too
+    a, b = state_of(straight), state_of(second)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_dict()["state"], second.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert second.iteration == straight.iteration == 6
+    assert not torch.equal(a["head.weight"], state_of(Trainer(cfg, data))["head.weight"])  # it trained
+
+
+def test_run_writes_metrics_history_and_checkpoints(phantom_data, tmp_path):
+    # Prepare: log and validate every 2 of 4 iterations
+    _, data = phantom_data
+    cfg = tiny_cfg(**{"schedule.log_every": 2, "schedule.eval_every": 2})
+    trainer = Trainer(cfg, data, out_dir=tmp_path / "run")
+
+    # Execute
+    result = trainer.run(progress=False)
+
+    # Assert
+    out = tmp_path / "run"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [2, 4]
+    # the row of iteration 2 logs the lr of its last step (iteration index 1 of 4): 0.01 * 0.75^0.9
+    assert float(rows[0]["lr"]) == pytest.approx(0.01 * 0.75**0.9)
+    assert {"loss", "loss_x", "seconds"} <= set(rows[0])
+    history = json.loads((out / "val_history.json").read_text())
+    assert [h["iteration"] for h in history] == [2, 4]
+    assert set(history[0]) == {"iteration", "dice_RV", "dice_myocardium", "dice_LV", "dice_mean"}
+    assert all(0.0 <= h["dice_mean"] <= 1.0 for h in history)
+    best = max(history, key=lambda h: h["dice_mean"])
+    assert result["best"] == {"dice": best["dice_mean"], "iteration": best["iteration"]}
+    assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    assert torch.load(out / "last.pt", weights_only=False)["iteration"] == 4
+    assert torch.load(out / "best.pt", weights_only=False)["iteration"] == best["iteration"]
+    assert not list(out.glob("*.tmp"))  # atomic saves leave no temporaries
+
+
+def test_partial_run_saves_last_at_its_end(phantom_data, tmp_path):
+    _, data = phantom_data
+    trainer = Trainer(tiny_cfg(), data, out_dir=tmp_path)
+    trainer.run(until=3, progress=False)  # 3 is not a validation point (eval_every = 1000)
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["iteration"] == 3
+
+
+def test_load_run_model_reproduces_the_trained_model(phantom_data, tmp_path):
+    # Prepare: a run folder as `samatch train` writes it (config.json after the data set num_classes)
+    _, data = phantom_data
+    cfg = tiny_cfg()
+    cfg.save(tmp_path / "config.json")
+    trainer = Trainer(cfg, data, out_dir=tmp_path)
+    trainer.run(progress=False)
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    # Execute
+    cfg_back, model, device = load_run_model(tmp_path, "last", "cpu")
+
+    # Assert
+    assert cfg_back == cfg and device == torch.device("cpu")
+    assert not model.training
+    with torch.no_grad():
+        assert torch.equal(model(x), trainer.model.eval()(x))
+
+
+def test_load_run_model_names_the_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json: not found"):
+        load_run_model(tmp_path, "best", "cpu")
+
+
+def test_time_budget_cuts_the_schedule_and_records_it(tmp_path):
+    # Prepare: a budget far too small for 10,000 iterations.
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "data.format": "phantom-cardiac",
+            "data.root": "0",
+            "data.size": 32,
+            "model.base_channels": 4,
+            "method.name": "supervised",
+            "schedule.batch_size": 2,
+            "schedule.iterations": 10000,
+            "schedule.minutes": 0.05,
+            "schedule.eval_every": 100000,
+            "device": "cpu",
+        },
+    )
+    trainer = Trainer(cfg, build_train_data(cfg), out_dir=tmp_path)
+    # Execute
+    result = trainer.run(progress=False)
+    # Assert: stopped after the probe (>= 30 steps) at the cut length, which config.json now holds.
+    saved = TrainConfig.load(tmp_path / "config.json")
+    assert 30 <= result["iteration"] < 10000
+    assert saved.schedule.iterations == result["iteration"] == cfg.schedule.iterations

@@ -1,0 +1,393 @@
+"""Federation: run-config parsing, state <-> ArrayRecord, aggregation by hand, and real in-process
+federated runs of the ServerApp and ClientApp on the phantom hospitals (resume included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.config import flatten_dict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.client_app import app as client_app
+from federation.aggregate import aggregate_states, site_weights
+from federation.config import FederationConfig, parse_run_config, site_from_node_config
+from federation.inprocess import run_inprocess
+from federation.local import clear_sessions
+from federation.state import batchnorm_keys, from_record, record_nbytes, shareable_keys, to_record
+from server.server_app import app as server_app
+from server.strategy import FedSAMatch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tiny phantom federation: 32 px, 4-channel U-Net, 2 steps per round.
+TINY = {
+    "data.format": "phantom-cardiac",
+    "data.labeled": 1,
+    "data.size": 32,
+    "data.max_unlabeled": 6,
+    "model.base_channels": 4,
+    "schedule.batch_size": 2,
+    "schedule.lr": 0.03,
+    "device": "cpu",
+    "num-server-rounds": 2,
+    "local-iterations": 2,
+}
+
+
+def phantom_nodes(n: int) -> list[dict]:
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+
+def test_pyproject_app_config_parses():
+    # Prepare
+    app_cfg = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    # Execute
+    cfg, fed = parse_run_config(flatten_dict(app_cfg))
+
+    # Assert
+    assert cfg.schedule.iterations == fed.num_server_rounds * fed.local_iterations
+    assert cfg.data.format == "phantom-cardiac" and fed.weights == "labeled"
+
+
+@pytest.mark.parametrize(
+    "run_config, error",
+    [
+        ({"weights": "patients"}, "weights"),
+        ({"lora-mode": "sum"}, "lora-mode"),
+        ({"transport": "int8"}, "transport"),
+        ({"schedule.no_such_key": 1}, "unknown config key"),
+        ({"fedbn": "maybe"}, "fedbn"),
+    ],
+)
+def test_run_config_rejects_bad_values(run_config, error):
+    with pytest.raises(ValueError, match=error):
+        parse_run_config(run_config)
+
+
+def test_lora_mode_ffa_freezes_a():
+    cfg, _ = parse_run_config({"lora-mode": "ffa"})
+    assert cfg.sam.lora_freeze_a is True
+
+
+# ---- state -------------------------------------------------------------------------------------------
+
+
+class FakeMethod(torch.nn.Module):
+    """A Match network with one BatchNorm and two LoRA-like tensors, as checkpoint_state names them."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+
+    def checkpoint_state(self):
+        state = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        state["sam_lora.layer.lora_A.weight"] = torch.ones(2, 3)
+        state["sam_lora.layer.lora_B.weight"] = torch.zeros(3, 2)
+        return state
+
+
+@pytest.mark.parametrize(
+    "fedbn, lora_mode, expected",
+    [
+        (
+            False,
+            "avg",
+            {
+                "model.0.weight",
+                "model.0.bias",
+                "model.1.weight",
+                "model.1.bias",
+                "model.1.running_mean",
+                "model.1.running_var",
+                "model.1.num_batches_tracked",
+                "sam_lora.layer.lora_A.weight",
+                "sam_lora.layer.lora_B.weight",
+            },
+        ),
+        (
+            True,
+            "avg",
+            {
+                "model.0.weight",
+                "model.0.bias",
+                "sam_lora.layer.lora_A.weight",
+                "sam_lora.layer.lora_B.weight",
+            },
+        ),
+        (True, "ffa", {"model.0.weight", "model.0.bias", "sam_lora.layer.lora_B.weight"}),
+    ],
+)
+def test_shareable_keys(fedbn, lora_mode, expected):
+    method = FakeMethod()
+    keys = shareable_keys(method, FederationConfig(fedbn=fedbn, lora_mode=lora_mode))
+    assert set(keys) == expected
+    assert batchnorm_keys(method) == {k for k in method.checkpoint_state() if k.startswith("model.1.")}
+
+
+def test_record_round_trip_keeps_dtypes_and_fp16_halves_floats():
+    # Prepare
+    state = {"w": torch.randn(64, 64), "n": torch.tensor(7, dtype=torch.int64)}
+
+    # Execute
+    r32, r16 = to_record(state, state, "fp32"), to_record(state, state, "fp16")
+    back32, back16 = from_record(r32), from_record(r16)
+
+    # Assert
+    assert r32["w"].dtype == "float32" and r16["w"].dtype == "float16"
+    assert r32["n"].dtype == r16["n"].dtype == "int64"
+    assert back16["w"].dtype == torch.float32 and back16["n"].dtype == torch.int64 and int(back16["n"]) == 7
+    assert torch.equal(back32["w"], state["w"])
+    assert torch.allclose(back16["w"], state["w"], atol=1e-2)
+    assert len(r16["w"].data) - 128 == (len(r32["w"].data) - 128) // 2  # npy header is 128 bytes
+
+
+# ---- aggregation ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_identity():
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def reply(node: int, arrays: dict[str, np.ndarray], labeled: int, unlabeled: int) -> Message:
+    """A site's train reply as the ClientApp builds it."""
+    instruction = Message(RecordDict(), dst_node_id=node, message_type="train")
+    metrics = MetricRecord({"num-examples": labeled, "num-labeled": labeled, "num-unlabeled": unlabeled})
+    record = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
+    return Message(RecordDict({"arrays": record, "metrics": metrics}), reply_to=instruction)
+
+
+SITE_A = {"w": np.array([0.0, 4.0], np.float32), "bn.n": np.array(2, np.int64)}
+SITE_B = {"w": np.array([4.0, 8.0], np.float32), "bn.n": np.array(5, np.int64)}
+
+
+@pytest.mark.parametrize(
+    "rule, expected_w",
+    [
+        ("labeled", [3.0, 7.0]),  # weights 1/4, 3/4 (A: 1 labeled, B: 3)
+        ("unlabeled", [1.0, 5.0]),  # weights 3/4, 1/4 (A: 3 unlabeled, B: 1)
+        ("both", [2.0, 6.0]),  # weights 4/8, 4/8
+    ],
+)
+def test_aggregate_weights_by_hand(task_identity, rule, expected_w):
+    # Prepare
+    strategy = FedSAMatch(expected_keys=SITE_A, weights=rule)
+    replies = [reply(1, SITE_A, 1, 3), reply(2, SITE_B, 3, 1)]
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert
+    np.testing.assert_allclose(arrays["w"].numpy(), expected_w)
+    assert arrays["w"].numpy().dtype == np.float32
+    n = arrays["bn.n"].numpy()
+    assert n.dtype == np.int64 and int(n) == 5  # integer buffer: max over sites, still int64
+    assert metrics["num-labeled"] == pytest.approx(1 / 4 * 1 + 3 / 4 * 3)  # metrics weighted by num-examples
+
+
+def test_aggregate_fp16_updates_give_float32(task_identity):
+    strategy = FedSAMatch(expected_keys=SITE_A, transport="fp16")
+    half = [{**s, "w": s["w"].astype(np.float16)} for s in (SITE_A, SITE_B)]
+    arrays, _ = strategy.aggregate_train(1, [reply(1, half[0], 1, 0), reply(2, half[1], 1, 0)])
+    assert arrays["w"].numpy().dtype == np.float32
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 6.0])
+
+
+def test_fedbn_update_carrying_batchnorm_is_dropped(task_identity):
+    # Prepare: under FedBN the expected keys exclude BatchNorm; site B leaks its BN buffer.
+    strategy = FedSAMatch(expected_keys={"w"})
+    replies = [reply(1, {"w": SITE_A["w"]}, 1, 0), reply(2, SITE_B, 1, 0)]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+
+    # Assert: only site A counted; no BN key in the global state
+    assert set(arrays) == {"w"}
+    np.testing.assert_allclose(arrays["w"].numpy(), SITE_A["w"])
+
+
+def test_nonfinite_update_is_dropped(task_identity):
+    strategy = FedSAMatch(expected_keys={"w"})
+    bad = {"w": np.array([np.nan, 1.0], np.float32)}
+    arrays, _ = strategy.aggregate_train(1, [reply(1, {"w": SITE_A["w"]}, 1, 0), reply(2, bad, 1, 0)])
+    np.testing.assert_allclose(arrays["w"].numpy(), SITE_A["w"])
+
+
+def test_lora_ffa_average_is_exact_plain_average_is_not():
+    # Prepare: two sites' LoRA factors; delta W = B @ A.
+    rng = np.random.default_rng(0)
+    a_shared = rng.standard_normal((2, 5)).astype(np.float32)
+    a1, a2 = rng.standard_normal((2, 2, 5)).astype(np.float32)
+    b1, b2 = rng.standard_normal((2, 4, 2)).astype(np.float32)
+    weights = site_weights([{"num-labeled": 1}, {"num-labeled": 3}], "labeled")
+
+    # Execute: FFA sends only B (A shared and frozen); plain averaging sends A and B.
+    ffa = aggregate_states([{"B": b1}, {"B": b2}], weights)
+    avg = aggregate_states([{"A": a1, "B": b1}, {"A": a2, "B": b2}], weights)
+
+    # Assert
+    ideal_ffa = 0.25 * b1 @ a_shared + 0.75 * b2 @ a_shared
+    np.testing.assert_allclose(ffa["B"] @ a_shared, ideal_ffa, rtol=1e-5, atol=1e-5)
+    ideal_avg = 0.25 * b1 @ a1 + 0.75 * b2 @ a2
+    assert not np.allclose(avg["B"] @ avg["A"], ideal_avg, atol=1e-3)
+
+
+def test_site_weights_need_positive_total():
+    with pytest.raises(ValueError, match="positive sum"):
+        site_weights([{"num-unlabeled": 0}, {"num-unlabeled": 0}], "unlabeled")
+
+
+# ---- end to end, in process -----------------------------------------------------------------------------
+
+
+def run_federation(tmp_path: Path, nodes: int = 2, **overrides):
+    run_config = {**TINY, "out-dir": str(tmp_path / "run"), **overrides}
+    return run_inprocess(server_app, client_app, run_config, phantom_nodes(nodes)), run_config
+
+
+@pytest.mark.parametrize("fedbn, transport", [(False, "fp32"), (True, "fp16")])
+def test_federated_run_sends_only_allowed_tensors(tmp_path, fedbn, transport):
+    # Prepare
+    from federation.local import initial_state
+
+    cfg, fed = parse_run_config({**TINY, "fedbn": fedbn, "transport": transport})
+    init, method = initial_state(cfg)
+    allowed = set(shareable_keys(method, fed))
+    bn = batchnorm_keys(method)
+
+    # Execute
+    grid, _ = run_federation(tmp_path, fedbn=fedbn, transport=transport)
+
+    # Assert: every train reply holds exactly the allowed tensors plus one MetricRecord
+    train_replies = [m for _, m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train_replies) == 2 * 2
+    float_bytes = 2 if transport == "fp16" else 4
+    for msg in train_replies:
+        assert set(msg.content.keys()) == {"arrays", "metrics"}
+        arrays = msg.content["arrays"]
+        assert set(arrays) == allowed and all(k.startswith("model.") for k in arrays)
+        assert bn.isdisjoint(arrays) if fedbn else bn <= set(arrays)
+        for key, arr in arrays.items():
+            expected = "int64" if key.endswith("num_batches_tracked") else f"float{8 * float_bytes}"
+            assert arr.dtype == expected, key
+        payload = sum(init[k].numel() * (8 if init[k].dtype == torch.int64 else float_bytes) for k in allowed)
+        assert payload <= record_nbytes(arrays) <= payload + 160 * len(allowed)  # + npy headers
+        metrics = msg.content["metrics"]
+        assert metrics["num-examples"] == metrics["num-labeled"] == 6  # one phantom patient: 6 slices
+        assert metrics["num-unlabeled"] == 6
+    eval_replies = [m for _, m in grid.sent if m.metadata.message_type == "evaluate"]
+    assert all(set(m.content.keys()) == {"metrics"} for m in eval_replies)
+
+    # Assert: the global model changed, and the run folder is complete
+    run = tmp_path / "run"
+    last = torch.load(run / "last.pt", weights_only=False)
+    assert last["round"] == 2 and set(last["method"]) == allowed
+    assert any(not torch.equal(last["method"][k], init[k]) for k in allowed if init[k].is_floating_point())
+    results = (run / "results.json").read_text()
+    assert '"round": 2' in results and "dice_mean" in results and (run / "best.pt").is_file()
+
+
+def test_resume_gives_the_uninterrupted_model(tmp_path):
+    # Prepare
+    rounds = {"num-server-rounds": 4}
+
+    # Execute: uninterrupted; then stop after round 2 and resume in a "fresh process" (no cache)
+    run_federation(tmp_path / "full", **rounds)
+    clear_sessions()
+    run_federation(tmp_path / "part", **rounds, **{"stop-after-round": 2})
+    mid = torch.load(tmp_path / "part" / "run" / "last.pt", weights_only=False)
+    clear_sessions()
+    run_federation(tmp_path / "part", **rounds, **{"resume-from": str(tmp_path / "part" / "run" / "last.pt")})
+
+    # Assert
+    full = torch.load(tmp_path / "full" / "run" / "last.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "part" / "run" / "last.pt", weights_only=False)
+    assert mid["round"] == 2 and full["round"] == resumed["round"] == 4
+    assert full["method"].keys() == resumed["method"].keys()
+    for k in full["method"]:
+        assert torch.equal(full["method"][k], resumed["method"][k]), k
+    assert [r["round"] for r in resumed["history"]] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_samatch_round_sends_match_and_lora_b_only(tmp_path):
+    # Prepare: SAM-Match with FFA-LoRA, one step on one round (LiteMedSAM on CPU is slow).
+    from federation.local import initial_state
+
+    overrides = {
+        "method.name": "samatch",
+        "lora-mode": "ffa",
+        "num-server-rounds": 1,
+        "local-iterations": 1,
+        "data.max_unlabeled": 1,
+        "sam.cache_embeddings": True,
+        "sam.lora_rank": 2,
+    }
+    cfg, fed = parse_run_config({**TINY, **overrides})
+    init, method = initial_state(cfg)
+    allowed = set(shareable_keys(method, fed))
+
+    # Execute
+    grid, _ = run_federation(tmp_path, **overrides)
+
+    # Assert
+    lora_b = {k for k in allowed if k.startswith("sam_lora.")}
+    assert lora_b and all(".lora_B." in k for k in lora_b)
+    assert {k for k in init if ".lora_A." in k} and not any(".lora_A." in k for k in allowed)
+    for _, msg in grid.sent:
+        if msg.metadata.message_type == "train":
+            assert set(msg.content["arrays"]) == allowed
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert any(not torch.equal(last["method"][k], init[k]) for k in lora_b)  # B left zero: it trained
+
+
+# ---- partitions ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "size", "labeled", "shift"])
+def test_partitions_are_disjoint_by_patient_with_one_labeled_each(tmp_path, partitioner):
+    # Prepare
+    from samatch.config import DataConfig
+    from samatch.splits import load_splits
+    from simulations.partition import partition
+
+    # Execute: 3 phantom sites pooled (24 train patients, 6 val) -> 3 virtual hospitals
+    manifest = partition(
+        DataConfig(root="0,1,2", format="phantom-cardiac", size=32), 3, partitioner, tmp_path
+    )
+
+    # Assert
+    sites = json.loads(manifest.read_text())["sites"]
+    splits = [load_splits(tmp_path / s["splits_file"]) for s in sites]
+    train = [set(s.patients["labeled"]) | set(s.patients["unlabeled"]) for s in splits]
+    assert all(len(s.patients["labeled"]) == 1 for s in splits)
+    assert sum(len(t) for t in train) == len(set().union(*train)) == 24
+    assert sorted(len(s.patients["val"]) for s in splits) == [2, 2, 2]
+    if partitioner in ("iid", "labeled", "shift"):
+        assert [len(t) for t in train] == [8, 8, 8]
+
+
+def test_manifest_site_from_node_config(tmp_path):
+    from samatch.config import DataConfig
+    from simulations.partition import partition
+
+    manifest = partition(DataConfig(root="0,1,2", format="phantom-cardiac", size=32), 2, "iid", tmp_path)
+    cfg, fed = parse_run_config({"data.format": "phantom-cardiac", "partition-manifest": str(manifest)})
+    site = site_from_node_config({"partition-id": 1, "num-partitions": 2}, cfg, fed)
+    assert site.name == "hospital1" and site.index == 1
+    assert dict(site.overrides)["data.splits_file"] == str(tmp_path / "site1_splits.json")
+    with pytest.raises(ValueError, match="2 sites but 3 partitions"):
+        site_from_node_config({"partition-id": 0, "num-partitions": 3}, cfg, fed)

@@ -1,0 +1,91 @@
+"""One real `flwr run .` (local simulation through scripts/flwr_run.sh) in a subprocess.
+
+Private FLWR_HOME and port; bounded in time; afterwards no process started by it may survive: every
+such process inherits FLWR_HOME, so any leftover is found in /proc, killed by PID, and fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """PIDs whose environment contains ``marker`` (our private FLWR_HOME)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="process bookkeeping needs /proc")
+def test_flwr_run_local_simulation(tmp_path):
+    # Prepare
+    home = tmp_path / "flwr_home"
+    out = tmp_path / "run"
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+        "NUM_HOSPITALS": "2",
+        "RUN_TIMEOUT": str(TIMEOUT - 30),
+    }
+    overrides = (
+        f"num-server-rounds=2 local-iterations=2 data.size=32 model.base_channels=4 "
+        f'schedule.batch_size=2 data.max_unlabeled=6 out-dir="{out}"'
+    )
+
+    # Execute
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "scripts" / "flwr_run.sh"), "-c", overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        log, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+    finally:
+        time.sleep(1)
+        leftovers = processes_with_env(str(home))
+        for pid in leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # Assert
+    assert proc.returncode == 0, log[-4000:]
+    assert "round 2/2: val Dice" in log and "finished:completed" in log
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert (home / "config.toml").is_file()
+    assert not leftovers, f"processes left running: {leftovers}"
