@@ -1,0 +1,134 @@
+"""Flower's flat run config -> (TrainConfig, FederationConfig); node config -> the site's data.
+
+Run-config keys are split by name: the hyphenated names of :class:`FederationConfig` fields
+(``num-server-rounds``, ``local-iterations``, ``out-dir``, ...) are federation settings; every other
+key is a dotted :class:`~samatch.config.TrainConfig` override (``schedule.lr``, ``method.name``)
+applied through :func:`samatch.config.apply_overrides`, so unknown keys are errors on both sides.
+
+Site facts come from the node config (STYLE 2): in simulation ``partition-id`` / ``num-partitions``
+pick a phantom site or a partition of a manifest; in deployment ``data-root``, ``data-format``,
+``site-name`` (and optionally ``splits-file``) describe the hospital's own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from samatch.config import TrainConfig, apply_overrides, coerce_value
+
+WEIGHTS = ("labeled", "unlabeled", "both")
+LORA_MODES = ("avg", "ffa")
+TRANSPORTS = ("fp32", "fp16")
+
+
+@dataclass
+class FederationConfig:
+    num_server_rounds: int = 3  # rounds of the whole schedule (the poly LR spans all of them)
+    local_iterations: int = 20  # optimizer steps per site per round
+    stop_after_round: int = 0  # >0: pause after this round (resumable); the schedule still spans all
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_available_nodes: int = 2
+    weights: str = "labeled"  # aggregation weight per site: labeled | unlabeled | both (slice counts)
+    fedprox_mu: float = 0.0  # >0: proximal term mu/2 ||w - w_global||^2 on the Match network
+    fedbn: bool = False  # BatchNorm tensors stay on the site (never sent, never averaged)
+    lora_mode: str = "avg"  # avg: average A and B | ffa: A frozen from the shared seed, only B travels
+    transport: str = "fp32"  # fp16 halves float bytes on the wire; float32 is restored on receipt
+    out_dir: str = "runs/federated"  # results.json, best.pt, last.pt (server side)
+    resume_from: str = ""  # a last.pt (or its folder) to continue from its round
+    partition_manifest: str = ""  # simulations/ JSON manifest: partition-id -> site data
+    timeout: float = 3600.0  # seconds the server waits for a round's replies
+
+    def __post_init__(self) -> None:
+        if self.num_server_rounds < 1 or self.local_iterations < 1:
+            raise ValueError("num-server-rounds and local-iterations must be >= 1")
+        if not 0 <= self.stop_after_round <= self.num_server_rounds:
+            raise ValueError("stop-after-round must be in [0, num-server-rounds]")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {self.weights!r}")
+        if self.lora_mode not in LORA_MODES:
+            raise ValueError(f"lora-mode must be one of {LORA_MODES}, got {self.lora_mode!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        if self.fedprox_mu < 0:
+            raise ValueError(f"fedprox-mu must be >= 0, got {self.fedprox_mu}")
+
+    @property
+    def last_round(self) -> int:
+        return self.stop_after_round or self.num_server_rounds
+
+
+FED_KEYS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(FederationConfig)}
+
+
+def parse_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, FederationConfig]:
+    """Flower ``context.run_config`` -> (TrainConfig, FederationConfig), both validated.
+
+    ``schedule.iterations`` is set to ``num-server-rounds * local-iterations`` so that the poly
+    learning rate decays over the whole federation; ``sam.lora_freeze_a`` follows ``lora-mode``.
+    """
+    hints = typing.get_type_hints(FederationConfig)
+    fed_kwargs, train = {}, {}
+    for key, value in run_config.items():
+        if key in FED_KEYS:
+            name = FED_KEYS[key]
+            fed_kwargs[name] = coerce_value(value, hints[name], key)
+        else:
+            train[key] = value
+    fed = FederationConfig(**fed_kwargs)
+    train["schedule.iterations"] = fed.num_server_rounds * fed.local_iterations
+    train["sam.lora_freeze_a"] = fed.lora_mode == "ffa"
+    cfg = apply_overrides(TrainConfig(), train)
+    return cfg, fed
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital's data, as the client reads it: enough to build its TrainData."""
+
+    name: str
+    index: int  # partition id (simulation) or 0; seeds per-round randomness
+    overrides: tuple[tuple[str, Any], ...]  # dotted TrainConfig keys (data.root, data.format, ...)
+
+    def apply(self, cfg: TrainConfig) -> TrainConfig:
+        return apply_overrides(cfg, dict(self.overrides))
+
+
+def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: FederationConfig) -> Site:
+    """Node config -> :class:`Site`.
+
+    * deployment: ``data-root`` (+ ``data-format``, ``site-name``, ``splits-file``);
+    * simulation with ``partition-manifest``: the manifest's entry for ``partition-id``;
+    * simulation on phantoms: phantom site ``partition-id`` (``data.root`` = "<id>").
+    """
+    if "data-root" in node_config:
+        over = {"data.root": str(node_config["data-root"])}
+        if node_config.get("data-format"):
+            over["data.format"] = str(node_config["data-format"])
+        if node_config.get("splits-file"):
+            over["data.splits_file"] = str(node_config["splits-file"])
+        name = str(node_config.get("site-name") or Path(over["data.root"]).name)
+        return Site(name, int(node_config.get("site-index", 0)), tuple(sorted(over.items())))
+    if "partition-id" not in node_config:
+        raise ValueError("node config needs 'data-root' (deployment) or 'partition-id' (simulation)")
+    pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
+    if fed.partition_manifest:
+        manifest = json.loads(Path(fed.partition_manifest).read_text())
+        sites = manifest["sites"]
+        if len(sites) != n:
+            raise ValueError(f"{fed.partition_manifest}: {len(sites)} sites but {n} partitions (supernodes)")
+        entry = sites[pid]
+        # The run config's data.root wins over the manifest's (the same dataset on another machine).
+        over = {"data.root": cfg.data.root or manifest["root"], "data.format": manifest.get("format", "")}
+        over["data.splits_file"] = str(Path(fed.partition_manifest).parent / entry["splits_file"])
+        return Site(entry["name"], pid, tuple(sorted(over.items())))
+    if not cfg.data.format.startswith("phantom-"):
+        raise ValueError("simulation on a real dataset needs run config 'partition-manifest'")
+    return Site(f"phantom-site{pid}", pid, (("data.root", str(pid)),))

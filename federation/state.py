@@ -1,0 +1,79 @@
+"""Trainable state <-> Flower ArrayRecord, and the list of what may leave a site.
+
+The state is ``method.checkpoint_state()``: U-Net tensors under ``model.`` (BatchNorm running
+statistics and the int64 ``num_batches_tracked`` included) and, for SAM-Match, LoRA adapter tensors
+under ``sam_lora.``. Keys and dtypes travel unchanged; integer buffers stay integer. With transport
+``fp16`` floating tensors are sent as float16 (half the bytes) and restored to float32 on receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from federation.config import FederationConfig
+
+MODEL_PREFIX = "model."
+LORA_PREFIX = "sam_lora."
+
+
+def batchnorm_keys(method: torch.nn.Module) -> set[str]:
+    """``model.``-prefixed keys of every BatchNorm parameter and buffer of the Match network."""
+    keys = set()
+    for name, module in method.model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            own += [n for n, _ in module.named_buffers(recurse=False)]
+            keys.update(f"{MODEL_PREFIX}{name}.{n}" for n in own)
+    return keys
+
+
+def is_lora_a(key: str) -> bool:
+    return key.startswith(LORA_PREFIX) and ".lora_A." in key
+
+
+def shareable_keys(method: torch.nn.Module, fed: FederationConfig) -> list[str]:
+    """Exactly the keys that may leave a site (sorted): the Match network's tensors and the LoRA
+    tensors, minus BatchNorm tensors under FedBN, minus the frozen LoRA A matrices under FFA."""
+    keys = set(method.checkpoint_state())
+    bad = sorted(k for k in keys if not k.startswith((MODEL_PREFIX, LORA_PREFIX)))
+    if bad:
+        raise ValueError(f"checkpoint_state has keys outside model./sam_lora.: {bad[:5]}")
+    if fed.fedbn:
+        keys -= batchnorm_keys(method)
+    if fed.lora_mode == "ffa":
+        keys = {k for k in keys if not is_lora_a(k)}
+    return sorted(keys)
+
+
+def to_record(
+    state: Mapping[str, torch.Tensor | np.ndarray], keys: Iterable[str], transport: str
+) -> ArrayRecord:
+    """The ``keys`` of ``state`` as an ArrayRecord (float16 floats when ``transport == "fp16"``)."""
+    record = ArrayRecord()
+    for key in keys:
+        value = state[key]
+        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        if transport == "fp16" and np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float16)
+        record[key] = Array(np.asarray(arr, order="C"))
+    return record
+
+
+def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """ArrayRecord -> tensors; float16 (fp16 transport) comes back as float32, integers unchanged."""
+    out = {}
+    for key, value in record.items():
+        arr = value.numpy()
+        if arr.dtype == np.float16:
+            arr = arr.astype(np.float32)
+        out[key] = torch.from_numpy(arr.copy())
+    return out
+
+
+def record_nbytes(record: ArrayRecord) -> int:
+    """Serialized payload bytes of the arrays (what crosses the wire, headers included)."""
+    return sum(len(v.data) for v in record.values())

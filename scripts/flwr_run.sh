@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# `flwr run .` as a local simulation, with Flower's traps handled:
+#   * settings live in a project-local FLWR_HOME (.flwr/, git-ignored), never in ~/.flwr;
+#   * no telemetry, no update check, no run-time `pip install` of the app's dependencies;
+#   * the local SuperLink is started here (own ports) and it and its children are stopped on exit, so
+#     nothing is left running; `flwr run` finds it healthy and does not start a detached one;
+#   * client resources are sized from this machine: num-cpus per ClientApp <= cores.
+# Usage: scripts/flwr_run.sh [extra `flwr run` options, e.g. -c 'num-server-rounds=2']
+# Env:   NUM_HOSPITALS (3), FLWR_HOME (.flwr), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT (39091: the one
+#        port of the local SuperLink's HTTP APIs), RUN_TIMEOUT seconds (1800)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+BIN="$ROOT/.venv/bin"
+[ -x "$BIN/flwr" ] || BIN="$(dirname "$(command -v flwr)")"
+
+export PATH="$BIN:$PATH"  # SuperLink starts flower-superexec / flwr-simulation by name
+export FLWR_HOME="${FLWR_HOME:-$ROOT/.flwr}"
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}"
+export RAY_DEDUP_LOGS=0
+NUM_HOSPITALS="${NUM_HOSPITALS:-3}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-1800}"
+
+mkdir -p "$FLWR_HOME/local-superlink"
+if [ ! -f "$FLWR_HOME/config.toml" ]; then
+    cat > "$FLWR_HOME/config.toml" <<'EOF'
+[superlink]
+default = "local"
+
+[superlink.local]
+address = ":local-in-memory:"
+EOF
+fi
+
+CORES="$(nproc 2>/dev/null || echo 1)"
+PER_CLIENT=$(( CORES / NUM_HOSPITALS ))
+[ "$PER_CLIENT" -ge 1 ] || PER_CLIENT=1
+FED_CFG="num-supernodes=$NUM_HOSPITALS client-resources-num-cpus=$PER_CLIENT init-args-num-cpus=$CORES"
+
+HEALTH="http://127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT/health"
+if "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=0.5)" "$HEALTH" 2>/dev/null; then
+    echo "flwr_run: a SuperLink already answers on port $FLWR_LOCAL_SUPERLINK_HTTP_API_PORT;" \
+         "stop it or set FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" >&2
+    exit 2
+fi
+
+LOG="$FLWR_HOME/local-superlink/superlink.log"
+"$BIN/flower-superlink" --insecure --simulation --isolation subprocess \
+    --disable-runtime-dependency-installation \
+    --host 127.0.0.1 --port "$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT" \
+    --log-file "$LOG" >"$FLWR_HOME/local-superlink/stdout.log" 2>&1 &
+LINK_PID=$!
+descendants() {  # all PIDs below $1 (Flower starts its children in new sessions: no group kill)
+    local child
+    for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+        echo "$child"
+        descendants "$child"
+    done
+}
+stop_superlink() {
+    # SIGTERM the SuperLink and every process below it (SuperExec, simulation, Ray) by PID, then
+    # SIGKILL whatever is left after 15 s.
+    local pids
+    pids="$LINK_PID $(descendants "$LINK_PID" | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 30); do
+        # shellcheck disable=SC2086
+        kill -0 $pids 2>/dev/null || break
+        sleep 0.5
+    done
+    # shellcheck disable=SC2086
+    kill -KILL $pids 2>/dev/null || true
+}
+trap stop_superlink EXIT INT TERM
+
+for _ in $(seq 60); do
+    "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=0.5)" "$HEALTH" \
+        2>/dev/null && break
+    kill -0 "$LINK_PID" 2>/dev/null || { echo "flwr_run: SuperLink exited; see $LOG" >&2; exit 1; }
+    sleep 0.5
+done
+
+echo "flwr_run: $NUM_HOSPITALS hospitals, $PER_CLIENT CPU(s) each of $CORES, FLWR_HOME=$FLWR_HOME"
+# Relative out-dir values are taken from this folder (the ServerApp runs elsewhere).
+timeout "$RUN_TIMEOUT" "$BIN/flwr" run . --stream --federation-config "$FED_CFG" \
+    -c "out-dir=\"$ROOT/runs/federated\"" "$@"
+
+# `flwr run --stream` returns 0 even when the run failed: ask the SuperLink.
+STATUS="$("$BIN/flwr" ls --format json 2>/dev/null | "$BIN/python" -c '
+import json, sys
+runs = json.load(sys.stdin).get("runs", [])
+print(runs[-1].get("status", "unknown") if runs else "none")')"
+echo "flwr_run: run status: $STATUS"
+case "$STATUS" in *completed*) exit 0 ;; *) exit 1 ;; esac
