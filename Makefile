@@ -4,9 +4,10 @@
 setup:
 	bash scripts/setup.sh
 
-# The main job: the embedded default on built-in synthetic phantoms.
+# The main job: the embedded default, a federated simulation (`flwr run .`) of three phantom
+# hospitals; scripts/flwr_run.sh handles Flower's settings home, telemetry and its SuperLink.
 run: setup
-	.venv/bin/samatch demo
+	bash scripts/flwr_run.sh
 
 # The whole test suite (CI runs this through .ci/run).
 test: setup
