@@ -276,3 +276,21 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = 
     model.load_state_dict({k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)})
     model.eval()
     return cfg, model, dev
+
+
+def load_run_cascade(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, device, threshold: float):
+    """The SAM cascade of a run: LiteMedSAM (or cfg.sam's backbone) with the run's LoRA adapters
+    when it trained them (method samatch), else with zero-initialised adapters (= pretrained SAM).
+
+    Returns a callable for :func:`samatch.evaluate.predict_volume`'s ``cascade``.
+    """
+    from samatch.methods.sam_guided import SamGuidance
+    from samatch.models.lora import load_lora_state_dict
+
+    state = torch.load(Path(run_dir) / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
+    lora = {k[len("sam_lora.") :]: v for k, v in state["method"].items() if k.startswith("sam_lora.")}
+    guide = SamGuidance(cfg, cfg.model.num_classes)
+    if lora:
+        load_lora_state_dict(guide.sam, lora)
+    guide.to(device).eval()
+    return lambda images, logits: guide.cascade(images, logits, threshold)

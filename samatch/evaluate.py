@@ -18,17 +18,22 @@ from samatch.preprocess import minmax_normalize, resize_image, resize_probs
 
 @torch.no_grad()
 def predict_volume(
-    model: torch.nn.Module, image: np.ndarray, size: int, device, batch: int = 16
+    model: torch.nn.Module, image: np.ndarray, size: int, device, batch: int = 16, cascade=None
 ) -> torch.Tensor:
-    """image (Z, H, W) raw intensities -> softmax probabilities (Z, C, H, W) on CPU, native grid."""
+    """image (Z, H, W) raw intensities -> class probabilities (Z, C, H, W) on CPU, native grid.
+
+    ``cascade``: a callable (images (B,1,S,S), logits (B,C,S,S)) -> probabilities (B,C,S,S), e.g.
+    SAM refinement of the Match prediction (:meth:`SamGuidance.cascade`); None = Match alone.
+    """
     was_training = model.training
     model.eval()
     x = torch.from_numpy(resize_image(minmax_normalize(image), size))[:, None]  # (Z, 1, S, S)
     out = []
     for i in range(0, x.shape[0], batch):
-        logits = model(x[i : i + batch].to(device))
-        probs = resize_probs(logits.float().softmax(1), tuple(image.shape[1:]))
-        out.append(probs.cpu())
+        xb = x[i : i + batch].to(device)
+        logits = model(xb)
+        probs = cascade(xb, logits) if cascade is not None else logits.float().softmax(1)
+        out.append(resize_probs(probs, tuple(image.shape[1:])).cpu())
     model.train(was_training)
     return torch.cat(out)
 
@@ -45,9 +50,9 @@ def volume_dice(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> np.ndarra
     return np.where(size_sum > 0, 2 * inter / np.maximum(size_sum, 1), 1.0)
 
 
-def predict_label(model: torch.nn.Module, image: np.ndarray, size: int, device) -> np.ndarray:
+def predict_label(model: torch.nn.Module, image: np.ndarray, size: int, device, cascade=None) -> np.ndarray:
     """image (Z, H, W) -> predicted label volume (Z, H, W) uint8 at native resolution."""
-    return predict_volume(model, image, size, device).argmax(1).numpy().astype(np.uint8)
+    return predict_volume(model, image, size, device, cascade=cascade).argmax(1).numpy().astype(np.uint8)
 
 
 def evaluate_cases(
@@ -57,6 +62,7 @@ def evaluate_cases(
     size: int,
     device,
     distances: bool = True,
+    cascade=None,
 ) -> list[dict]:
     """Rows of per-case, per-class metrics.
 
@@ -68,7 +74,7 @@ def evaluate_cases(
 
     rows = []
     for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances):
-        pred = predict_label(model, case.image, size, device)
+        pred = predict_label(model, case.image, size, device, cascade)
         if distances:
             rows += case_rows(
                 case.meta.case_id, case_metrics(pred, case.label, num_classes, case.meta.spacing)

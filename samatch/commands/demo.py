@@ -36,6 +36,7 @@ def run(args) -> int:
     import torch
 
     from samatch.commands import evaluate as evaluate_cmd
+    from samatch.commands import parse_args
     from samatch.commands import train as train_cmd
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -45,10 +46,9 @@ def run(args) -> int:
     )
     sets = [f"{k}={v}" for k, v in {**DEMO, "schedule.iterations": args.iterations}.items()]
     load_config(None, dict(s.split("=", 1) for s in sets))  # fail early on a bad default
-    train_args = train_cmd.build_args(
-        ["--method", args.method, "--out", args.out, *sum((["--set", s] for s in sets), [])]
+    train_cmd.run(
+        parse_args(
+            train_cmd, ["--method", args.method, "--out", args.out, *sum((["--set", s] for s in sets), [])]
+        )
     )
-    train_cmd.run(train_args)
-    return evaluate_cmd.run(
-        argparse.Namespace(run=args.out, data=None, split="val", checkpoint="best", device="cpu")
-    )
+    return evaluate_cmd.run(parse_args(evaluate_cmd, ["--run", args.out, "--device", "cpu"]))

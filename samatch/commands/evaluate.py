@@ -16,6 +16,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--sam-cascade",
+        action="store_true",
+        help="refine the U-Net's prediction with the run's SAM (boxes -> SAM -> fused mask)",
+    )
+    p.add_argument(
+        "--cascade-threshold",
+        type=float,
+        default=0.5,
+        help="confidence a pixel needs to count for a cascade box (default 0.5)",
+    )
 
 
 def format_summary(summary: dict, class_names) -> str:
@@ -37,7 +48,7 @@ def format_summary(summary: dict, class_names) -> str:
 
 def run(args) -> int:
     from samatch.data import load_volumes, open_reader
-    from samatch.engine import load_run_model
+    from samatch.engine import load_run_cascade, load_run_model
     from samatch.evaluate import evaluate_cases
     from samatch.metrics import summarize, write_case_csv, write_summary_json
     from samatch.splits import load_splits
@@ -55,13 +66,17 @@ def run(args) -> int:
         )
     refs = {r.case_id: r for r in reader.cases(None)}
     cases = load_volumes([refs[i] for i in ids], desc=args.split)
-    rows = evaluate_cases(model, cases, cfg.model.num_classes, cfg.data.size, device, distances=True)
+    cascade = None
+    if args.sam_cascade:
+        cascade = load_run_cascade(args.run, cfg, args.checkpoint, device, args.cascade_threshold)
+    rows = evaluate_cases(model, cases, cfg.model.num_classes, cfg.data.size, device, True, cascade)
     summary = summarize(rows)
-    out = Path(args.run) / f"eval_{args.split}"
+    out = Path(args.run) / (f"eval_{args.split}" + ("_cascade" if args.sam_cascade else ""))
     out.mkdir(exist_ok=True)
     write_case_csv(out / "cases.csv", rows)
     write_summary_json(out / "summary.json", summary)
-    print(f"{args.run} ({args.checkpoint}.pt) on {args.split}: {len(cases)} cases")
+    how = " + SAM cascade" if args.sam_cascade else ""
+    print(f"{args.run} ({args.checkpoint}.pt{how}) on {args.split}: {len(cases)} cases")
     print(format_summary(summary, reader.class_names))
     print(f"-> {out}/cases.csv, summary.json")
     return 0

@@ -74,10 +74,3 @@ def run(args) -> int:
         f"at iteration {result['best']['iteration']} -> {out}"
     )
     return 0
-
-
-def build_args(argv: list[str]) -> argparse.Namespace:
-    """Parse `samatch train` arguments from a list (for callers such as the demo)."""
-    p = argparse.ArgumentParser(prog="samatch train")
-    add_arguments(p)
-    return p.parse_args(argv)
