@@ -10,8 +10,8 @@ from samatch.config import (
     ModelConfig,
     ScheduleConfig,
     TrainConfig,
-    coerce_value,
     apply_overrides,
+    coerce_value,
     load_config,
     parse_set_args,
 )
