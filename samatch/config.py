@@ -74,7 +74,7 @@ class SamConfig:
     lora_alpha: float = 16.0
     lora_targets: str = "decoder"  # decoder | encoder+decoder
     lora_freeze_a: bool = False  # FFA-LoRA: A frozen from a shared seed, only B trained
-    lr: float = 1e-4  # AdamW on the LoRA tensors
+    lr: float = 1e-4  # AdamW on the LoRA tensors, constant (the poly decay applies to the U-Net's SGD)
     warmup_fraction: float = 0.2  # first part of the schedule: Match pseudo-labels, SAM adapts on labels
     agreement_weight: float = 0.5  # SAM's loss towards confident Match predictions (joint stage)
     box_margin: int = 2  # pixels (network grid) added around prompt boxes

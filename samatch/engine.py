@@ -65,6 +65,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.method.param_groups(s.lr), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
         )
+        if self.method.uses_unlabeled and data.unlabeled is None:
+            raise ValueError(f"method {cfg.method.name!r} needs unlabeled data, and the split has none")
         # Methods with extra trainable parts (SAM-Match's LoRA) bring their own optimizers.
         self.optimizers = [self.optimizer, *self.method.extra_optimizers()]
         self.iteration = 0
@@ -226,6 +228,7 @@ class Trainer:
         }
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
+        rng["method"] = {k: g.get_state().cpu() for k, g in self.method.generators().items()}
         return {
             "config": self.cfg.to_dict(),
             "method": self.method.checkpoint_state(),
@@ -252,6 +255,8 @@ class Trainer:
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        for k, g in self.method.generators().items():
+            g.set_state(rng["method"][k])
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -259,7 +264,9 @@ class Trainer:
         tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
 
     def resume(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=False))
+        # CPU first: RNG states must stay CPU byte tensors; parameters and optimizer moments are
+        # copied / cast onto the training device by load_state_dict.
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
 
 def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = "auto"):

@@ -49,3 +49,20 @@ def test_ring_probs_is_outer_times_not_inner():
     out = ring_probs(filled, {2: (3,)})
     assert torch.allclose(out.flatten(), torch.tensor([0.9, 0.8 * (1 - 0.5), 0.5]))
     assert torch.equal(ring_probs(filled, {}), filled)
+
+
+def test_boxes_scale_inclusive_extents_to_the_sam_grid():
+    # Prepare: a 64-pixel mask covering columns 0..63 of row 10, and an empty class.
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamGuidance
+
+    stub = SimpleNamespace(enclosed={}, cfg=SimpleNamespace(box_margin=0))
+    masks = torch.zeros(1, 2, 64, 64, dtype=torch.bool)
+    masks[0, 0, 10, :] = True
+    # Execute
+    boxes, valid = SamGuidance.boxes(stub, masks, largest=False)
+    # Assert: x 0..63 -> 0..255 (k = 4: x1 = (63 + 1) * 4 - 1); y 10 -> 40..43; empty -> zeros.
+    assert boxes[0, 0].tolist() == [0.0, 40.0, 255.0, 43.0]
+    assert valid.tolist() == [[True, False]]
+    assert boxes[0, 1].tolist() == [0.0, 0.0, 0.0, 0.0]

@@ -15,7 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--label-map")
     p.add_argument("--labeled", type=int, required=True, help="labeled budget in the format's unit")
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--max-unlabeled", type=int, default=10**9)
+    p.add_argument(
+        "--max-unlabeled",
+        type=int,
+        default=10**9,
+        help="at most this many unlabeled cases (slices for ACDC h5; whole volumes for NIfTI)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
 

@@ -49,6 +49,10 @@ class Method(nn.Module):
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """Random generators of the method besides the engine's (saved for exact resume)."""
+        return {}
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint stores of this method (U-Net tensors under ``model.``)."""
         return self.state_dict()

@@ -112,7 +112,11 @@ class SamGuidance(torch.nn.Module):
         if largest:
             filled = largest_component(filled, max_iters=64)
         boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
-        return boxes * (SAM_GRID / masks.shape[-1]), valid
+        # Inclusive pixel extents: x0 -> x0 * k, x1 -> (x1 + 1) * k - 1, so a mask reaching the last
+        # column still reaches the last column of the 256 grid.
+        k = SAM_GRID / masks.shape[-1]
+        scaled = torch.cat([boxes[..., :2] * k, (boxes[..., 2:] + 1) * k - 1], dim=-1)
+        return scaled * valid[..., None], valid
 
     def decode(self, emb: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """Filled-shape logits at network size: (B, C-1, size, size)."""
@@ -123,7 +127,9 @@ class SamGuidance(torch.nn.Module):
 
     def refine(self, probs: torch.Tensor, filled_logits: torch.Tensor, valid: torch.Tensor):
         """Match probs (B,C,S,S) + SAM filled logits -> fused pseudo-label (B,S,S), conf (B,S,S)."""
-        p = ring_probs(torch.sigmoid(filled_logits.float()), self.enclosed)
+        # A class without a prompt decoded a meaningless box: it must not carve a hole in its outer ring.
+        p_filled = torch.sigmoid(filled_logits.float()) * valid[:, :, None, None]
+        p = ring_probs(p_filled, self.enclosed)
         return fuse(probs, torch.logit(p.clamp(1e-6, 1 - 1e-6)), valid)
 
     @torch.no_grad()
@@ -153,6 +159,9 @@ class SamMatch(UniMatch):
 
     def extra_optimizers(self):
         return [self.sam_optimizer]
+
+    def generators(self):
+        return {"box_jitter": self.box_gen}
 
     def joint(self) -> bool:
         return self.iteration >= int(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
