@@ -18,6 +18,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("train",), "samatch.commands.train", "train one method on one dataset (centralized)"),
     (("evaluate",), "samatch.commands.evaluate", "evaluate a run on a split at native resolution"),
     (("predict",), "samatch.commands.predict", "segment NIfTI / PNG files or folders with a run"),
+    (("sam-report",), "samatch.commands.sam_report", "Dice of SAM pseudo-labels by prompt source"),
     (("compare",), "samatch.commands.compare", "paired Wilcoxon tests between evaluated runs"),
     (("demo",), "samatch.commands.demo", "the embedded default: phantom hospitals, end to end"),
 ]

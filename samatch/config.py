@@ -82,6 +82,7 @@ class SamConfig:
     largest_component: bool = True  # prompt boxes around the largest confident component only
     cache_embeddings: bool = True  # frozen encoder: embed every training slice once
     enclosed: str = ""  # nested structures, "2>3": class 2 surrounds class 3 (ACDC myocardium / LV)
+    refine_classes: str = ""  # classes SAM refines, e.g. "1,3"; empty = all; the others keep Match's
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.warmup_fraction < 1.0:
@@ -89,6 +90,16 @@ class SamConfig:
         if self.cache_embeddings and self.lora_targets != "decoder":
             raise ValueError("sam.cache_embeddings needs a frozen encoder (sam.lora_targets=decoder)")
         parse_enclosed(self.enclosed)
+        self.refined()
+
+    def refined(self) -> tuple[int, ...] | None:
+        """Classes SAM refines (None = all)."""
+        try:
+            return tuple(int(c) for c in self.refine_classes.split(",") if c.strip()) or None
+        except ValueError:
+            raise ValueError(
+                f"sam.refine_classes: expected class indices like '1,3', got {self.refine_classes!r}"
+            ) from None
 
     def enclosure(self) -> dict[int, tuple[int, ...]]:
         return parse_enclosed(self.enclosed)

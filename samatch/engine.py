@@ -285,11 +285,11 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = 
     return cfg, model, dev
 
 
-def load_run_cascade(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, device, threshold: float):
-    """The SAM cascade of a run: LiteMedSAM (or cfg.sam's backbone) with the run's LoRA adapters
-    when it trained them (method samatch), else with zero-initialised adapters (= pretrained SAM).
+def load_run_guide(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, device, adapted: bool = True):
+    """The SAM guide of a run: cfg.sam's backbone with the run's LoRA adapters when it trained them
+    (method samatch) and ``adapted``, else with zero-initialised adapters (= the pretrained SAM).
 
-    Returns a callable for :func:`samatch.evaluate.predict_volume`'s ``cascade``.
+    Returns (SamGuidance in eval mode, whether adapters were loaded).
     """
     from samatch.methods.sam_guided import SamGuidance
     from samatch.models.lora import load_lora_state_dict
@@ -297,7 +297,12 @@ def load_run_cascade(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, dev
     state = torch.load(Path(run_dir) / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
     lora = {k[len("sam_lora.") :]: v for k, v in state["method"].items() if k.startswith("sam_lora.")}
     guide = SamGuidance(cfg, cfg.model.num_classes)
-    if lora:
+    if lora and adapted:
         load_lora_state_dict(guide.sam, lora)
-    guide.to(device).eval()
+    return guide.to(device).eval(), bool(lora and adapted)
+
+
+def load_run_cascade(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, device, threshold: float):
+    """A callable for :func:`samatch.evaluate.predict_volume`'s ``cascade`` (see load_run_guide)."""
+    guide, _ = load_run_guide(run_dir, cfg, checkpoint, device)
     return lambda images, logits: guide.cascade(images, logits, threshold)

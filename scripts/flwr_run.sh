@@ -21,6 +21,9 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}"
 export RAY_DEDUP_LOGS=0
+# Every process this run starts inherits this marker, also the ones Ray re-parents away from the
+# SuperLink; on exit, stragglers carrying it are stopped by PID (and nothing else is).
+export FEDSAMATCH_RUN_MARKER="flwr_run-$$-$RANDOM"
 NUM_HOSPITALS="${NUM_HOSPITALS:-3}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-1800}"
 
@@ -74,6 +77,22 @@ stop_superlink() {
     done
     # shellcheck disable=SC2086
     kill -KILL $pids 2>/dev/null || true
+    local stragglers="" p
+    for _ in $(seq 20); do
+        stragglers=""
+        for p in /proc/[0-9]*; do
+            p=${p#/proc/}
+            [ "$p" = "$$" ] && continue
+            grep -qz "^FEDSAMATCH_RUN_MARKER=$FEDSAMATCH_RUN_MARKER\$" "/proc/$p/environ" 2>/dev/null \
+                && stragglers="$stragglers $p"
+        done
+        [ -z "$stragglers" ] && break
+        # shellcheck disable=SC2086
+        kill -TERM $stragglers 2>/dev/null || true
+        sleep 0.5
+    done
+    # shellcheck disable=SC2086
+    [ -n "$stragglers" ] && kill -KILL $stragglers 2>/dev/null || true
 }
 trap stop_superlink EXIT INT TERM
 

@@ -74,8 +74,12 @@ def test_flwr_run_local_simulation(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         log, _ = proc.communicate()
     finally:
-        time.sleep(1)
-        leftovers = processes_with_env(str(home))
+        # Give exiting processes a moment (a loaded machine is slow to reap them), then look.
+        for _ in range(20):
+            leftovers = processes_with_env(str(home))
+            if not leftovers:
+                break
+            time.sleep(0.5)
         for pid in leftovers:
             try:
                 os.kill(pid, signal.SIGKILL)

@@ -57,7 +57,9 @@ def test_boxes_scale_inclusive_extents_to_the_sam_grid():
 
     from samatch.methods.sam_guided import SamGuidance
 
-    stub = SimpleNamespace(enclosed={}, cfg=SimpleNamespace(box_margin=0))
+    stub = SimpleNamespace(
+        enclosed={}, cfg=SimpleNamespace(box_margin=0), refine_mask=torch.tensor([True, True])
+    )
     masks = torch.zeros(1, 2, 64, 64, dtype=torch.bool)
     masks[0, 0, 10, :] = True
     # Execute
@@ -66,3 +68,18 @@ def test_boxes_scale_inclusive_extents_to_the_sam_grid():
     assert boxes[0, 0].tolist() == [0.0, 40.0, 255.0, 43.0]
     assert valid.tolist() == [[True, False]]
     assert boxes[0, 1].tolist() == [0.0, 0.0, 0.0, 0.0]
+
+
+def test_refine_classes_drops_prompts_of_other_classes():
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamGuidance
+
+    stub = SimpleNamespace(
+        enclosed={}, cfg=SimpleNamespace(box_margin=0), refine_mask=torch.tensor([True, False])
+    )
+    masks = torch.ones(1, 2, 8, 8, dtype=torch.bool)
+    _, valid = SamGuidance.boxes(stub, masks, largest=False)
+    _, valid_all = SamGuidance.boxes(stub, masks, largest=False, all_classes=True)
+    assert valid.tolist() == [[True, False]]
+    assert valid_all.tolist() == [[True, True]]

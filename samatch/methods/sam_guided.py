@@ -82,6 +82,13 @@ class SamGuidance(torch.nn.Module):
         )
         add_lora(self.sam, lora)
         self.cache: dict[str, torch.Tensor] = {}  # not a buffer: never saved or sent
+        refined = sc.refined()
+        # (C-1,) bool: which foreground classes get a SAM prompt at all (pseudo-labels, cascade).
+        self.register_buffer(
+            "refine_mask",
+            torch.tensor([refined is None or c in refined for c in range(1, num_classes)]),
+            persistent=False,
+        )
 
     # ---- embeddings ---------------------------------------------------------------------------
     def encoder_trainable(self) -> bool:
@@ -106,12 +113,20 @@ class SamGuidance(torch.nn.Module):
             return self.sam.encode(images)
 
     # ---- prompts and decoding ----------------------------------------------------------------------
-    def boxes(self, masks: torch.Tensor, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, C-1, S, S) bool class masks -> boxes (B, C-1, 4) on the SAM grid, valid (B, C-1)."""
+    def boxes(
+        self, masks: torch.Tensor, largest: bool, all_classes: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C-1, S, S) bool class masks -> boxes (B, C-1, 4) on the SAM grid, valid (B, C-1).
+
+        Classes outside ``sam.refine_classes`` get no prompt (invalid) unless ``all_classes``
+        (SAM's own supervised loss still trains on every class).
+        """
         filled = filled_masks(masks, self.enclosed)
         if largest:
             filled = largest_component(filled, max_iters=64)
         boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
+        if not all_classes:
+            valid = valid & self.refine_mask.to(valid.device)
         # Inclusive pixel extents: x0 -> x0 * k, x1 -> (x1 + 1) * k - 1, so a mask reaching the last
         # column still reaches the last column of the 256 grid.
         k = SAM_GRID / masks.shape[-1]
@@ -203,7 +218,7 @@ class SamMatch(UniMatch):
         c = self.cfg.model.num_classes
         classes = torch.arange(1, c, device=mask_x.device).view(1, -1, 1, 1)
         target = filled_masks(mask_x[:, None] == classes, g.enclosed)  # (B, C-1, S, S)
-        boxes, valid = g.boxes(target, largest=False)
+        boxes, valid = g.boxes(target, largest=False, all_classes=True)
         boxes = jitter_boxes(
             boxes, valid, (SAM_GRID, SAM_GRID), self.cfg.sam.box_jitter, generator=self.box_gen
         )

@@ -1,0 +1,116 @@
+"""benchmarks/bench_step.py: the JSON of a tiny run, and its host-side (reference) pieces against the
+project's vectorised ones. No timing thresholds: the benchmark measures, it does not judge."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from samatch.losses import dice_loss
+from samatch.methods.sam_guided import SamGuidance
+from samatch.prompts import boxes_from_masks, boxes_from_probs, largest_component
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "benchmarks" / "bench_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.mark.slow
+def test_quick_run_writes_three_modes_and_their_ratios(tmp_path):
+    # Prepare: --quick, cut to batch 1 and one timed step (LiteMedSAM's encoder costs ~3 s per
+    # image on one CPU thread, and the reference mode encodes 4 times per step).
+    out = tmp_path / "bench.json"
+    # Execute
+    rc = bench.main(["--quick", "--device", "cpu", "--batch", "1", "--steps", "1", "--out", str(out)])
+    # Assert
+    assert rc == 0
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["results"]}
+    assert set(rows) == {"unimatch", "joint", "reference"}
+    for r in rows.values():
+        assert r["device"] == "cpu" and r["batch"] == 1
+        assert math.isfinite(r["ms_median"]) and r["ms_median"] > 0
+        assert r["peak_device_mib"] is None
+    # The cost structure: cached embeddings in the joint step, four encoder passes in the reference.
+    assert rows["joint"]["encoder_passes_per_step"] == 0 and rows["joint"]["decoder_passes_per_step"] == 2
+    assert rows["reference"]["encoder_passes_per_step"] == 4
+    assert rows["reference"]["decoder_passes_per_step"] == 4
+    (ratio,) = result["ratios"]
+    assert ratio["joint_over_unimatch"] == pytest.approx(
+        rows["joint"]["ms_median"] / rows["unimatch"]["ms_median"]
+    )
+    assert ratio["reference_over_ours"] == pytest.approx(
+        rows["reference"]["ms_median"] / rows["joint"]["ms_median"]
+    )
+    assert result["hardware"]["torch"] == torch.__version__ and result["hardware"]["cpu"]
+
+
+def random_masks(gen: torch.Generator, shape=(3, 4, 24, 20), p=0.05) -> torch.Tensor:
+    masks = torch.rand(shape, generator=gen) < p
+    masks[0, 1] = False  # an empty mask
+    masks[1, 2, -1, -1] = True  # a pixel in the last row and column
+    return masks
+
+
+@pytest.mark.parametrize("margin", [0, 3])
+def test_numpy_boxes_equal_boxes_from_masks_and_from_probs(margin):
+    gen = torch.Generator().manual_seed(margin)
+    masks = random_masks(gen)
+    ref_boxes, ref_valid = bench.numpy_boxes(masks.numpy(), margin)
+    boxes, valid = boxes_from_masks(masks, margin)
+    assert np.array_equal(valid.numpy(), ref_valid) and not ref_valid[0, 1]
+    assert np.array_equal(boxes.numpy(), ref_boxes)
+    # From softmax probabilities, as the Match network gives them (fp32).
+    probs = torch.randn(3, 5, 24, 20, generator=gen).mul(3).softmax(1)
+    boxes, valid = boxes_from_probs(probs, threshold=0.6, margin=margin)
+    conf, pred = probs.max(1)
+    conf_masks = np.stack([(pred == c) & (conf >= 0.6) for c in range(1, 5)], axis=1)
+    ref_boxes, ref_valid = bench.numpy_boxes(conf_masks, margin)
+    assert np.array_equal(valid.numpy(), ref_valid) and np.array_equal(boxes.numpy(), ref_boxes)
+
+
+def test_numpy_largest_component_boxes_equal_the_device_ones():
+    # Two separated rectangles of different areas per mask (a unique largest component).
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.zeros(2, 3, 32, 32, dtype=torch.bool)
+    for b in range(2):
+        for k in range(3):
+            y, x = torch.randint(0, 10, (2,), generator=gen).tolist()
+            masks[b, k, y : y + 8, x : x + 6] = True  # 48 px
+            masks[b, k, 24:27, 20 + k : 23 + k] = True  # 9 px, > 2 px away
+    ref_boxes, ref_valid = bench.numpy_boxes(masks.numpy(), 2, largest=True)
+    boxes, valid = boxes_from_masks(largest_component(masks), 2)
+    assert np.array_equal(valid.numpy(), ref_valid) and np.array_equal(boxes.numpy(), ref_boxes)
+
+
+def test_host_boxes_equal_sam_guidance_boxes():
+    stub = SimpleNamespace(enclosed={2: (3,)}, cfg=SimpleNamespace(box_margin=2))
+    masks = random_masks(torch.Generator().manual_seed(1), shape=(3, 3, 64, 64))
+    boxes, valid = SamGuidance.boxes(stub, masks, largest=False)
+    ref_boxes, ref_valid = bench.host_boxes(stub, masks, largest=False)
+    assert torch.equal(valid, ref_valid) and torch.equal(boxes, ref_boxes)
+
+
+def test_sync_dice_loss_equals_dice_loss():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 16, 16, generator=gen)
+    target = torch.randint(0, 4, (2, 16, 16), generator=gen)
+    weight = (torch.rand(2, 16, 16, generator=gen) > 0.3).float()
+    for w in (None, weight):
+        expected = dice_loss(logits, target, weight_mask=w)
+        assert torch.allclose(bench.sync_dice_loss(logits, target, w), expected, atol=1e-6)
