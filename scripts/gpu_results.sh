@@ -6,7 +6,8 @@
 #   RESULTS=runs/gpu bash scripts/gpu_results.sh
 #
 # Env: PACK (packed file), RESULTS (output folder), PY (python), SAM_CKPT (LiteMedSAM weights; empty =
-# the packaged file), MINUTES_<METHOD> (budget per method), BATCH, ITERS (upper bound).
+# the packaged file), MINUTES_<METHOD> (budget per method), BATCH, ITERS (upper bound), SAM_REFINE
+# (classes SAM refines; default 1,2,3 as in the recorded runs; 1,3 leaves the myocardium to the U-Net).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PACK=${PACK:-.gpu/acdc3.npz}
@@ -27,7 +28,7 @@ for m in $METHODS; do
   var="MINUTES_${m^^}"; minutes=${!var:-1}
   extra=()
   if [ "$m" = samatch ]; then
-    extra=(--set sam.enclosed=2\>3)
+    extra=(--set sam.enclosed=2\>3 --set "sam.refine_classes=${SAM_REFINE:-1,2,3}")
     [ -n "${SAM_CKPT:-}" ] && extra+=(--set "sam.checkpoint=$SAM_CKPT")
   fi
   start=$(date +%s)
