@@ -99,11 +99,16 @@ def test_numpy_largest_component_boxes_equal_the_device_ones():
 
 
 def test_host_boxes_equal_sam_guidance_boxes():
-    stub = SimpleNamespace(enclosed={2: (3,)}, cfg=SimpleNamespace(box_margin=2))
+    # Class 2 surrounds class 3; class 2 gets no prompt (sam.refine_classes = "1,3").
+    stub = SimpleNamespace(
+        enclosed={2: (3,)}, cfg=SimpleNamespace(box_margin=2), refine_mask=torch.tensor([True, False, True])
+    )
     masks = random_masks(torch.Generator().manual_seed(1), shape=(3, 3, 64, 64))
-    boxes, valid = SamGuidance.boxes(stub, masks, largest=False)
-    ref_boxes, ref_valid = bench.host_boxes(stub, masks, largest=False)
-    assert torch.equal(valid, ref_valid) and torch.equal(boxes, ref_boxes)
+    for all_classes in (False, True):
+        boxes, valid = SamGuidance.boxes(stub, masks, largest=False, all_classes=all_classes)
+        ref_boxes, ref_valid = bench.host_boxes(stub, masks, largest=False, all_classes=all_classes)
+        assert torch.equal(valid, ref_valid) and torch.equal(boxes, ref_boxes)
+        assert valid[:, 1].any() == all_classes
 
 
 def test_sync_dice_loss_equals_dice_loss():

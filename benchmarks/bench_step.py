@@ -1,0 +1,494 @@
+"""Benchmark: one training step of UniMatch, of SAM-Match (joint stage) and of a reference-equivalent
+SAM-Match, with the same networks and batch.
+
+Modes (each timed through ``Trainer.step``: batch sampling, forward, backward, optimizer steps):
+
+* ``unimatch``: method ``unimatch``.
+* ``joint``: method ``samatch`` past its warm-up (the joint stage), cached fp16 SAM embeddings.
+* ``reference``: the same SamMatch networks with the cost structure of the reference implementation:
+  four passes through SAM's IMAGE ENCODER per step (no cache: labeled image for SAM's labeled loss,
+  unlabeled image for the pseudo-labels, and two re-encodes for the refinement and agreement
+  passes), prompt boxes extracted on the host (masks moved to the CPU, a Python loop over images
+  and classes with numpy / scipy), and a Dice loss that loops over classes calling ``.item()`` on
+  each class's Dice (SSL4MIS's DiceLoss, which UniMatch uses).
+
+Data: the built-in cardiac phantom (4 classes, ``sam.enclosed = "2>3"`` as for ACDC), a pool of a
+few slices per set (batches are drawn with replacement). Reports the median ms per timed step
+after warm-up steps (``torch.cuda.synchronize`` around each step on CUDA), peak device memory
+(``torch.cuda.max_memory_allocated``, reset per case), the peak host RSS rise during a case
+(``/proc/self/statm`` sampled every 5 ms after ``malloc_trim``; ``ru_maxrss`` where /proc is
+missing), and the ratios joint / UniMatch and reference / joint. Asserts nothing about time.
+
+    python benchmarks/bench_step.py [--device auto|cpu|cuda] [--batch 4,12] [--size 256]
+        [--steps N] [--warmup N] [--quick] [--out runs/bench_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samatch.config import TrainConfig, apply_overrides
+from samatch.data import SliceSet, TrainData, build_train_data
+from samatch.engine import Trainer
+from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss
+from samatch.methods.match import cutmix
+from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks
+from samatch.prompts import confident_masks, jitter_boxes
+
+MODES = ("unimatch", "joint", "reference")
+
+# ---- the reference-equivalent pieces ---------------------------------------------------------------
+
+
+def numpy_boxes(masks: np.ndarray, margin: int = 0, largest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The straightforward path: (B, K, H, W) bool -> boxes (B, K, 4) float32 xyxy inclusive, valid (B, K).
+
+    One image and one class at a time on the host, as the reference does. Same convention as
+    :func:`samatch.prompts.boxes_from_masks` (margin, clamped to the image, zeros where empty);
+    ``largest`` keeps the largest 8-connected component first (scipy.ndimage.label).
+    """
+    b, k, h, w = masks.shape
+    boxes = np.zeros((b, k, 4), dtype=np.float32)
+    valid = np.zeros((b, k), dtype=bool)
+    for i in range(b):
+        for j in range(k):
+            m = masks[i, j]
+            if largest and m.any():
+                from scipy import ndimage
+
+                lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
+                if n > 1:
+                    m = lab == (np.bincount(lab.ravel())[1:].argmax() + 1)
+            ys, xs = np.nonzero(m)
+            if len(ys) == 0:
+                continue
+            valid[i, j] = True
+            boxes[i, j] = (
+                max(xs.min() - margin, 0),
+                max(ys.min() - margin, 0),
+                min(xs.max() + margin, w - 1),
+                min(ys.max() + margin, h - 1),
+            )
+    return boxes, valid
+
+
+def host_boxes(
+    guide, masks: torch.Tensor, largest: bool, all_classes: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SamGuidance.boxes computed on the host: to CPU, numpy loop, scale to the SAM grid, back."""
+    filled = filled_masks(masks, guide.enclosed).cpu().numpy()
+    boxes, valid = numpy_boxes(filled, guide.cfg.box_margin, largest)
+    refine = getattr(guide, "refine_mask", None)  # sam.refine_classes: the others get no prompt
+    if refine is not None and not all_classes:
+        valid &= refine.cpu().numpy()
+    k = SAM_GRID / masks.shape[-1]
+    boxes = np.concatenate([boxes[..., :2] * k, (boxes[..., 2:] + 1) * k - 1], axis=-1) * valid[..., None]
+    return torch.from_numpy(boxes).to(masks.device), torch.from_numpy(valid).to(masks.device)
+
+
+def sync_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, weight_mask: torch.Tensor | None = None, smooth: float = 1e-5
+) -> torch.Tensor:
+    """samatch.losses.dice_loss's value (batch Dice, background skipped), computed class by class with a
+    host synchronisation (``.item()``) per class, as SSL4MIS's DiceLoss logs its class-wise Dice."""
+    probs = logits.softmax(dim=1)
+    w = torch.ones_like(probs[:, 0]) if weight_mask is None else weight_mask.to(probs.dtype)
+    num_classes = logits.shape[1]
+    loss = torch.zeros((), device=logits.device)
+    class_dice = []
+    for c in range(1, num_classes):
+        p, t = probs[:, c], (target == c).to(probs.dtype)
+        dice = (2 * (p * t * w).sum() + smooth) / ((p * w).sum() + (t * w).sum() + smooth)
+        class_dice.append(dice.item())  # the per-class host sync
+        loss = loss + (1 - dice)
+    return loss / (num_classes - 1)
+
+
+class ReferenceSamMatch(SamMatch):
+    """SamMatch's networks with the reference implementation's cost structure (see the module doc).
+
+    Never registered: the benchmark swaps a SamMatch instance's class to this one and back, so both
+    modes run on the very same U-Net, SAM, LoRA tensors and optimizers.
+    """
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        g = self.guide
+        if g.encoder_trainable():
+            return g.sam.encode(images)
+        with torch.no_grad():
+            return g.sam.encode(images)
+
+    def train_step(self, img_x, mask_x, img_u, **batch_info):
+        cfg, g = self.cfg, self.guide
+        thr, c = cfg.method.threshold, cfg.model.num_classes
+        largest = cfg.sam.largest_component
+        img_x_w, mask_x_w, img_u_w, _ = self.views(img_x, mask_x, img_u)
+        img_u_s1, box1 = self.strong(img_u_w)
+        img_u_s2, box2 = self.strong(img_u_w)
+        bx, bu, size = img_x.shape[0], img_u_w.shape[0], img_x.shape[-1]
+        preds, preds_fp = self.model(torch.cat([img_x_w, img_u_w]), feature_perturb=True)
+        pred_x, pred_u_w = preds.split([bx, bu])
+        pred_u_w_fp = preds_fp[bx:]
+        probs = pred_u_w.detach().float().softmax(1)
+
+        # SAM pass 1: labeled image, jittered ground-truth boxes, LoRA gradients.
+        classes = torch.arange(1, c, device=mask_x.device).view(1, -1, 1, 1)
+        target_x = filled_masks(mask_x_w[:, None] == classes, g.enclosed)
+        boxes_x, valid_x = host_boxes(g, target_x, largest=False, all_classes=True)
+        boxes_x = jitter_boxes(
+            boxes_x, valid_x, (SAM_GRID, SAM_GRID), cfg.sam.box_jitter, generator=self.box_gen
+        )
+        logits_x = g.decode(self.encode(img_x_w), boxes_x, size)
+        loss_sam_x = binary_dice_loss(logits_x, target_x.float(), valid_x) + binary_ce_loss(
+            logits_x, target_x.float(), valid_x
+        )
+        # SAM pass 2: unlabeled image, boxes from confident Match pixels -> fused pseudo-label.
+        boxes_u, valid_u = host_boxes(g, confident_masks(probs, thr), largest)
+        with torch.no_grad():
+            sam_logits = g.decode(self.encode(img_u_w), boxes_u, size)
+        pseudo, conf = g.refine(probs, sam_logits, valid_u)
+        # SAM pass 3: re-encode, prompt with the fused pseudo-label's boxes -> refined pseudo-label.
+        masks_r = (pseudo[:, None] == classes) & (conf >= thr)[:, None]
+        boxes_r, valid_r = host_boxes(g, masks_r, largest)
+        with torch.no_grad():
+            ref_logits = g.decode(self.encode(img_u_w), boxes_r, size)
+        mask_u_w, conf_u_w = g.refine(probs, ref_logits, valid_r)
+        # SAM pass 4: re-encode, agreement with confident Match predictions, LoRA gradients.
+        agree_logits = g.decode(self.encode(img_u_w), boxes_u, size)
+        target_u = filled_masks(probs.argmax(1)[:, None] == classes, g.enclosed)
+        weight = (probs.max(1).values >= thr).float()[:, None].expand_as(agree_logits)
+        bce = F.binary_cross_entropy_with_logits(
+            agree_logits, target_u.float(), weight=weight, reduction="none"
+        )
+        agreement = (bce.mean((2, 3)) * valid_u).sum() / valid_u.sum().clamp_min(1)
+
+        # UniMatch's losses, with the per-class-sync Dice.
+        img_u_s1, conf_1, mask_1 = cutmix(img_u_s1, conf_u_w, mask_u_w, box1)
+        img_u_s2, conf_2, mask_2 = cutmix(img_u_s2, conf_u_w, mask_u_w, box2)
+        pred_u_s1, pred_u_s2 = self.model(torch.cat([img_u_s1, img_u_s2])).chunk(2)
+        loss_x = (ce_loss(pred_x, mask_x_w) + sync_dice_loss(pred_x, mask_x_w)) / 2
+
+        def unsup(pred, mask, cf):
+            return sync_dice_loss(pred, mask, weight_mask=(cf >= thr).float())
+
+        loss_u = (
+            0.25 * unsup(pred_u_s1, mask_1, conf_1)
+            + 0.25 * unsup(pred_u_s2, mask_2, conf_2)
+            + 0.5 * unsup(pred_u_w_fp, mask_u_w, conf_u_w)
+        )
+        loss = (loss_x + cfg.method.unsup_weight * loss_u) / 2
+        loss_sam_agree = cfg.sam.agreement_weight * agreement
+        return {
+            "loss": loss + loss_sam_x + loss_sam_agree,
+            "loss_x": loss_x,
+            "loss_sam_x": loss_sam_x,
+            "loss_sam_agree": loss_sam_agree,
+        }
+
+
+# ---- measurement -----------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return None
+
+
+def _release_free_heap() -> None:
+    """Hand freed heap back to the OS (glibc keeps it), so an earlier case's peak does not hide the
+    next case's rise in RSS."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class RssPeak:
+    """Peak host RSS rise while the block runs (a sampling thread; ru_maxrss delta without /proc)."""
+
+    def __enter__(self):
+        _release_free_heap()
+        self.start = _rss_bytes()
+        self.start_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.peak = self.start or 0
+        self._stop = threading.Event()
+        if self.start is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self.start is not None:
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes() or 0)
+            self.delta_mib = (self.peak - self.start) / 2**20
+        else:  # ru_maxrss is KiB on Linux and only grows: later cases may show ~0
+            self.delta_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - self.start_maxrss) / 1024
+        return False
+
+
+class PassCounter:
+    """Counts forward calls of SAM's image encoder and mask decoder (hooks)."""
+
+    def __init__(self, sam):
+        self.encoder = self.decoder = 0
+        self._hooks = [
+            sam.image_encoder.register_forward_hook(lambda *a: self._add("encoder")),
+            sam.mask_decoder.transformer.register_forward_hook(lambda *a: self._add("decoder")),
+        ]
+
+    def _add(self, name):
+        setattr(self, name, getattr(self, name) + 1)
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+
+
+def make_config(method: str, size: int, batch: int, device: str) -> TrainConfig:
+    return apply_overrides(
+        TrainConfig(),
+        {
+            "data.format": "phantom-cardiac",
+            "data.root": "0",
+            "data.size": size,
+            "data.max_val_cases": 1,
+            "method.name": method,
+            "sam.enclosed": "2>3",
+            "sam.cache_embeddings": True,
+            "schedule.batch_size": batch,
+            "schedule.iterations": 100_000,
+            "device": device,
+        },
+    )
+
+
+def make_data(cfg: TrainConfig, pool: int) -> TrainData:
+    """Phantom slices, each set cut to ``pool`` slices (SAM-Match embeds every slice once)."""
+    data = build_train_data(cfg)
+
+    def cut(s: SliceSet) -> SliceSet:
+        return SliceSet(s.images[:pool], None if s.labels is None else s.labels[:pool], s.patient_ids[:pool])
+
+    return TrainData(cut(data.labeled), cut(data.unlabeled), [], data.num_classes, data.class_names)
+
+
+def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
+    dev = trainer.device
+    cuda = dev.type == "cuda"
+    guide = getattr(trainer.method, "guide", None)
+    for _ in range(warmup):
+        trainer.step()
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    counter = PassCounter(guide.sam) if guide is not None else None
+    times = []
+    with RssPeak() as rss:
+        for _ in range(steps):
+            if cuda:
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            trainer.step()
+            if cuda:
+                torch.cuda.synchronize(dev)
+            times.append((time.perf_counter() - t0) * 1e3)
+    if counter is not None:
+        counter.remove()
+    return {
+        "ms_median": statistics.median(times),
+        "ms_all": [round(t, 3) for t in times],
+        "peak_device_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
+        "peak_rss_delta_mib": round(rss.delta_mib, 1),
+        "encoder_passes_per_step": counter.encoder / steps if counter else 0.0,
+        "decoder_passes_per_step": counter.decoder / steps if counter else 0.0,
+    }
+
+
+def bench_device(device: str, size: int, batches: list[int], steps: int, warmup: int, pool: int, log) -> list:
+    rows = []
+
+    def record(mode, batch, r):
+        rows.append({"device": device, "batch": batch, "mode": mode, **r})
+        log(f"  {device} batch {batch:>2} {mode:<9} {r['ms_median']:10.1f} ms/step")
+
+    # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
+    cfg = make_config("unimatch", size, batches[0], device)
+    trainer = Trainer(cfg, make_data(cfg, pool))
+    for b in batches:
+        cfg.schedule.batch_size = b
+        record("unimatch", b, time_steps(trainer, steps, warmup))
+    del trainer
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    cfg = make_config("samatch", size, batches[0], device)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, make_data(cfg, pool))  # builds the embedding cache
+    log(
+        f"  {device}: SAM-Match set-up, embedding cache of {2 * pool} slices: "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
+    method = trainer.method
+    for b in batches:
+        cfg.schedule.batch_size = b
+        # Past warm-up: the joint stage (Trainer.step copies trainer.iteration to method.iteration).
+        trainer.iteration = int(cfg.sam.warmup_fraction * cfg.schedule.iterations)
+        assert isinstance(method, SamMatch)
+        method.iteration = trainer.iteration
+        assert method.joint()
+        record("joint", b, time_steps(trainer, steps, warmup))
+        method.__class__ = ReferenceSamMatch
+        try:
+            record("reference", b, time_steps(trainer, steps, warmup))
+        finally:
+            method.__class__ = SamMatch
+    del trainer, method
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    out = []
+    by = {(r["device"], r["batch"], r["mode"]): r["ms_median"] for r in rows}
+    for dev, b in dict.fromkeys((r["device"], r["batch"]) for r in rows):
+        uni, joint, ref = (by[(dev, b, m)] for m in MODES)
+        out.append(
+            {
+                "device": dev,
+                "batch": b,
+                "joint_over_unimatch": joint / uni,
+                "reference_over_ours": ref / joint,
+            }
+        )
+    return out
+
+
+def hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CPU, and CUDA too"
+    )
+    parser.add_argument("--batch", default=None, help='comma-separated batch sizes (default "4,12")')
+    parser.add_argument("--size", type=int, default=None, help="network input size (default 256)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 20 on CUDA)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)"
+    )
+    parser.add_argument("--pool", type=int, default=4, help="slices per labeled / unlabeled set")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="tiny run for tests: size 64, batch 2, 2 steps")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size = args.size or 64
+        args.batch = args.batch or "2"
+        args.steps = args.steps or 2
+        args.warmup = 0 if args.warmup is None else args.warmup
+    size = args.size or 256
+    batches = [int(b) for b in (args.batch or "4,12").split(",") if b.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
+    if args.device == "auto" and torch.cuda.is_available():
+        devices.append("cuda")
+    result = {
+        "benchmark": "train_step",
+        "command": "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "size": size,
+        "batches": batches,
+        "hardware": hardware(),
+        "settings": {},
+        "results": [],
+    }
+    t_start = time.perf_counter()
+    load_before = round(os.getloadavg()[0], 2)
+    for dev in devices:
+        steps = args.steps or (20 if dev == "cuda" else 5)
+        warmup = args.warmup if args.warmup is not None else (5 if dev == "cuda" else 1)
+        pool = max(1, min(args.pool, max(batches)))
+        result["settings"][dev] = {"steps": steps, "warmup": warmup, "pool": pool}
+        print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed steps", flush=True)
+        result["results"] += bench_device(
+            dev, size, batches, steps, warmup, pool, lambda s: print(s, flush=True)
+        )
+    result["ratios"] = ratios(result["results"])
+    result["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    # Other processes on the machine skew CPU timings: the 1-min load average before and after.
+    result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+    print(format_table(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def format_table(result: dict) -> str:
+    hdr = "| device | batch | mode | ms / step | peak device MiB | peak RSS rise MiB | SAM enc / dec passes |"
+    lines = [hdr, "|---|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
+        lines.append(
+            f"| {r['device']} | {r['batch']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
+            f"{r['peak_rss_delta_mib']:.0f} | "
+            f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} |"
+        )
+    lines += ["", "| device | batch | joint / UniMatch | reference / ours |", "|---|---|---|---|"]
+    for q in result["ratios"]:
+        lines.append(
+            f"| {q['device']} | {q['batch']} | {q['joint_over_unimatch']:.2f} | "
+            f"{q['reference_over_ours']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
