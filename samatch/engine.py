@@ -21,7 +21,7 @@ from tqdm import tqdm
 from samatch.config import TrainConfig
 from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
-from samatch.methods import build_method
+from samatch.methods import METHODS, Method, build_method
 from samatch.models.unet import build_unet
 
 
@@ -56,6 +56,8 @@ class Trainer:
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        if METHODS.get(cfg.method.name, Method).uses_unlabeled and data.unlabeled is None:
+            raise ValueError(f"method {cfg.method.name!r} needs unlabeled data, and the split has none")
         self.model = build_unet(cfg).to(self.device)
         self.method = build_method(
             cfg, self.model, self.generator, data=data, device=self.device, **method_extra
@@ -65,8 +67,6 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.method.param_groups(s.lr), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
         )
-        if self.method.uses_unlabeled and data.unlabeled is None:
-            raise ValueError(f"method {cfg.method.name!r} needs unlabeled data, and the split has none")
         # Methods with extra trainable parts (SAM-Match's LoRA) bring their own optimizers.
         self.optimizers = [self.optimizer, *self.method.extra_optimizers()]
         self.iteration = 0

@@ -213,3 +213,25 @@ def test_time_budget_cuts_the_schedule_and_records_it(tmp_path):
     saved = TrainConfig.load(tmp_path / "config.json")
     assert 30 <= result["iteration"] < 10000
     assert saved.schedule.iterations == result["iteration"] == cfg.schedule.iterations
+
+
+def test_a_semi_supervised_method_without_unlabeled_data_is_a_clear_error():
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+
+    cfg = apply_overrides(
+        TrainConfig(),
+        {
+            "data.format": "phantom-cardiac",
+            "data.root": "0",
+            "data.size": 32,
+            "model.base_channels": 4,
+            "method.name": "unimatch",
+            "device": "cpu",
+        },
+    )
+    data = build_train_data(cfg)
+    data.unlabeled = None
+    with pytest.raises(ValueError, match="needs unlabeled data"):
+        Trainer(cfg, data)
