@@ -69,14 +69,12 @@ def pseudo_label_dice(
             "pred_box": (confident_masks(probs, threshold), enclosed),
         }
         for name, (masks, rule) in prompts.items():
-            guide.enclosed = rule
             largest = name == "pred_box" and guide.cfg.largest_component
-            boxes, valid = guide.boxes(masks, largest=largest, all_classes=True)
+            boxes, valid = guide.boxes(masks, largest=largest, all_classes=True, enclosed=rule)
             filled = guide.decode(emb, boxes, x.shape[-1])
             p = torch.sigmoid(filled) * valid[:, :, None, None]
             sam_masks = ring_probs(p, rule) > 0.5
             out[name].append(torch.stack([_dice(sam_masks[:, k], gt[:, k]) for k in range(c - 1)], 1))
-        guide.enclosed = enclosed
         pred = probs.argmax(1)
         out["unet"].append(torch.stack([_dice(pred == k + 1, gt[:, k]) for k in range(c - 1)], 1))
     return {k: torch.cat(v).numpy() for k, v in out.items()}

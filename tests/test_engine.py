@@ -187,25 +187,7 @@ def test_load_run_model_names_the_missing_file(tmp_path):
 
 def test_time_budget_cuts_the_schedule_and_records_it(tmp_path):
     # Prepare: a budget far too small for 10,000 iterations.
-    from samatch.config import TrainConfig, apply_overrides
-    from samatch.data import build_train_data
-    from samatch.engine import Trainer
-
-    cfg = apply_overrides(
-        TrainConfig(),
-        {
-            "data.format": "phantom-cardiac",
-            "data.root": "0",
-            "data.size": 32,
-            "model.base_channels": 4,
-            "method.name": "supervised",
-            "schedule.batch_size": 2,
-            "schedule.iterations": 10000,
-            "schedule.minutes": 0.05,
-            "schedule.eval_every": 100000,
-            "device": "cpu",
-        },
-    )
+    cfg = tiny_cfg(**{"method.name": "supervised", "schedule.iterations": 10000, "schedule.minutes": 0.05})
     trainer = Trainer(cfg, build_train_data(cfg), out_dir=tmp_path)
     # Execute
     result = trainer.run(progress=False)
@@ -216,21 +198,7 @@ def test_time_budget_cuts_the_schedule_and_records_it(tmp_path):
 
 
 def test_a_semi_supervised_method_without_unlabeled_data_is_a_clear_error():
-    from samatch.config import TrainConfig, apply_overrides
-    from samatch.data import build_train_data
-    from samatch.engine import Trainer
-
-    cfg = apply_overrides(
-        TrainConfig(),
-        {
-            "data.format": "phantom-cardiac",
-            "data.root": "0",
-            "data.size": 32,
-            "model.base_channels": 4,
-            "method.name": "unimatch",
-            "device": "cpu",
-        },
-    )
+    cfg = tiny_cfg(**{"method.name": "unimatch"})
     data = build_train_data(cfg)
     data.unlabeled = None
     with pytest.raises(ValueError, match="needs unlabeled data"):

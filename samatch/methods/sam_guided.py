@@ -114,14 +114,15 @@ class SamGuidance(torch.nn.Module):
 
     # ---- prompts and decoding ----------------------------------------------------------------------
     def boxes(
-        self, masks: torch.Tensor, largest: bool, all_classes: bool = False
+        self, masks: torch.Tensor, largest: bool, all_classes: bool = False, enclosed: dict | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, C-1, S, S) bool class masks -> boxes (B, C-1, 4) on the SAM grid, valid (B, C-1).
 
         Classes outside ``sam.refine_classes`` get no prompt (invalid) unless ``all_classes``
-        (SAM's own supervised loss still trains on every class).
+        (SAM's own supervised loss still trains on every class). ``enclosed`` overrides the
+        nested-structure rule (``sam.enclosed``) for this call.
         """
-        filled = filled_masks(masks, self.enclosed)
+        filled = filled_masks(masks, self.enclosed if enclosed is None else enclosed)
         if largest:
             filled = largest_component(filled, max_iters=64)
         boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
