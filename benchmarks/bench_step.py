@@ -48,7 +48,7 @@ from samatch.methods.match import cutmix
 from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks
 from samatch.prompts import confident_masks, jitter_boxes
 
-MODES = ("unimatch", "joint", "reference")
+MODES = ("unimatch", "joint", "reference", "joint_enc")
 
 # ---- the reference-equivalent pieces ---------------------------------------------------------------
 
@@ -268,7 +268,15 @@ class PassCounter:
             h.remove()
 
 
-def make_config(method: str, size: int, batch: int, device: str) -> TrainConfig:
+def make_config(
+    method: str,
+    size: int,
+    batch: int,
+    device: str,
+    amp: str = "fp32",
+    channels_last: bool = False,
+    encoder_trainable: bool = False,
+) -> TrainConfig:
     return apply_overrides(
         TrainConfig(),
         {
@@ -278,9 +286,13 @@ def make_config(method: str, size: int, batch: int, device: str) -> TrainConfig:
             "data.max_val_cases": 1,
             "method.name": method,
             "sam.enclosed": "2>3",
-            "sam.cache_embeddings": True,
+            # encoder_trainable: LoRA in the image encoder too, so no embedding cache is possible.
+            "sam.lora_targets": "encoder+decoder" if encoder_trainable else "decoder",
+            "sam.cache_embeddings": not encoder_trainable,
             "schedule.batch_size": batch,
             "schedule.iterations": 100_000,
+            "schedule.amp": amp,
+            "schedule.channels_last": channels_last,
             "device": device,
         },
     )
@@ -328,61 +340,116 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
     }
 
 
-def bench_device(device: str, size: int, batches: list[int], steps: int, warmup: int, pool: int, log) -> list:
-    rows = []
-
-    def record(mode, batch, r):
-        rows.append({"device": device, "batch": batch, "mode": mode, **r})
-        log(f"  {device} batch {batch:>2} {mode:<9} {r['ms_median']:10.1f} ms/step")
-
-    # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
-    cfg = make_config("unimatch", size, batches[0], device)
-    trainer = Trainer(cfg, make_data(cfg, pool))
-    for b in batches:
-        cfg.schedule.batch_size = b
-        record("unimatch", b, time_steps(trainer, steps, warmup))
-    del trainer
+def _free(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
 
-    cfg = make_config("samatch", size, batches[0], device)
+
+def _joint_trainer(cfg: TrainConfig, pool: int, log) -> Trainer:
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, make_data(cfg, pool))  # builds the embedding cache
-    log(
-        f"  {device}: SAM-Match set-up, embedding cache of {2 * pool} slices: "
-        f"{time.perf_counter() - t0:.1f} s"
-    )
-    method = trainer.method
-    for b in batches:
-        cfg.schedule.batch_size = b
-        # Past warm-up: the joint stage (Trainer.step copies trainer.iteration to method.iteration).
-        trainer.iteration = int(cfg.sam.warmup_fraction * cfg.schedule.iterations)
+    trainer = Trainer(cfg, make_data(cfg, pool))  # builds the embedding cache when it may
+    log(f"  {cfg.device}: SAM-Match set-up ({cfg.sam.lora_targets} LoRA): {time.perf_counter() - t0:.1f} s")
+    # Past warm-up: the joint stage (Trainer.step copies trainer.iteration to method.iteration).
+    trainer.iteration = int(cfg.sam.warmup_fraction * cfg.schedule.iterations)
+    return trainer
+
+
+def bench_device(
+    device: str,
+    size: int,
+    batches: list[int],
+    steps: int,
+    warmup: int,
+    pool: int,
+    log,
+    amps: tuple[str, ...] = ("fp32",),
+    channels_last: bool = False,
+    encoder_trainable: bool = False,
+    profile: bool = False,
+) -> tuple[list, dict | None]:
+    """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
+    rows, prof = [], None
+
+    def record(mode, batch, amp, r):
+        rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, **r})
+        log(f"  {device} batch {batch:>2} {amp} {mode:<9} {r['ms_median']:10.1f} ms/step")
+
+    for amp in amps:
+        # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
+        cfg = make_config("unimatch", size, batches[0], device, amp, channels_last)
+        trainer = Trainer(cfg, make_data(cfg, pool))
+        for b in batches:
+            cfg.schedule.batch_size = b
+            record("unimatch", b, amp, time_steps(trainer, steps, warmup))
+        del trainer
+        _free(device)
+
+        cfg = make_config("samatch", size, batches[0], device, amp, channels_last)
+        trainer = _joint_trainer(cfg, pool, log)
+        method = trainer.method
         assert isinstance(method, SamMatch)
-        method.iteration = trainer.iteration
-        assert method.joint()
-        record("joint", b, time_steps(trainer, steps, warmup))
-        method.__class__ = ReferenceSamMatch
-        try:
-            record("reference", b, time_steps(trainer, steps, warmup))
-        finally:
-            method.__class__ = SamMatch
-    del trainer, method
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+        for b in batches:
+            cfg.schedule.batch_size = b
+            method.iteration = trainer.iteration
+            assert method.joint()
+            record("joint", b, amp, time_steps(trainer, steps, warmup))
+            if profile and prof is None:
+                prof = profile_steps(trainer, steps=3)
+            if amp != "fp32":
+                continue  # the reference's cost structure is timed once, in fp32
+            method.__class__ = ReferenceSamMatch
+            try:
+                record("reference", b, amp, time_steps(trainer, steps, warmup))
+            finally:
+                method.__class__ = SamMatch
+        del trainer, method
+        _free(device)
+
+        if encoder_trainable:  # LoRA in the encoder: no cache, one encoder pass per image per step
+            cfg = make_config("samatch", size, batches[0], device, amp, channels_last, encoder_trainable=True)
+            trainer = _joint_trainer(cfg, pool, log)
+            for b in batches:
+                cfg.schedule.batch_size = b
+                record("joint_enc", b, amp, time_steps(trainer, steps, warmup))
+            del trainer
+            _free(device)
+    return rows, prof
+
+
+def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
+    """torch.profiler over a few steps: the ``top`` operators by self time on the step's device."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as p:
+        for _ in range(steps):
+            trainer.step()
+        if cuda:
+            torch.cuda.synchronize(trainer.device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = p.key_averages().table(sort_by=key, row_limit=top)
+    ops = [
+        {"op": e.key, "calls": e.count, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
+        for e in sorted(p.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    ]
+    return {"steps": steps, "sort_by": key, "ops": ops, "table": table}
 
 
 def ratios(rows: list[dict]) -> list[dict]:
+    """joint / UniMatch at the same precision; the fp32 reference / joint at each precision."""
     out = []
-    by = {(r["device"], r["batch"], r["mode"]): r["ms_median"] for r in rows}
-    for dev, b in dict.fromkeys((r["device"], r["batch"]) for r in rows):
-        uni, joint, ref = (by[(dev, b, m)] for m in MODES)
+    by = {(r["device"], r["batch"], r["amp"], r["mode"]): r["ms_median"] for r in rows}
+    for dev, b, amp in dict.fromkeys((r["device"], r["batch"], r["amp"]) for r in rows):
+        joint = by[(dev, b, amp, "joint")]
+        ref = by.get((dev, b, "fp32", "reference"))
         out.append(
             {
                 "device": dev,
                 "batch": b,
-                "joint_over_unimatch": joint / uni,
-                "reference_over_ours": ref / joint,
+                "amp": amp,
+                "joint_over_unimatch": joint / by[(dev, b, amp, "unimatch")],
+                "reference_over_ours": None if ref is None else ref / joint,
             }
         )
     return out
@@ -424,8 +491,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pool", type=int, default=4, help="slices per labeled / unlabeled set")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny run for tests: size 64, batch 2, 2 steps")
+    parser.add_argument("--amp", default="fp32", help="comma-separated precisions: fp32, bf16 (default fp32)")
+    parser.add_argument("--channels-last", action="store_true", help="U-Net in channels-last memory format")
+    parser.add_argument(
+        "--encoder-trainable",
+        action="store_true",
+        help="also time SAM-Match with LoRA in the encoder (no cache)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile 3 joint steps (first precision, batch)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = parser.parse_args(argv)
+    amps = tuple(a.strip() for a in args.amp.split(",") if a.strip())
+    if not amps or any(a not in ("fp32", "bf16") for a in amps):
+        raise SystemExit(f"--amp: expected fp32 and/or bf16, got {args.amp!r}")
     if args.quick:
         args.size = args.size or 64
         args.batch = args.batch or "2"
@@ -458,9 +538,23 @@ def main(argv: list[str] | None = None) -> int:
         pool = max(1, min(args.pool, max(batches)))
         result["settings"][dev] = {"steps": steps, "warmup": warmup, "pool": pool}
         print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed steps", flush=True)
-        result["results"] += bench_device(
-            dev, size, batches, steps, warmup, pool, lambda s: print(s, flush=True)
+        rows, prof = bench_device(
+            dev,
+            size,
+            batches,
+            steps,
+            warmup,
+            pool,
+            lambda s: print(s, flush=True),
+            amps=amps,
+            channels_last=args.channels_last,
+            encoder_trainable=args.encoder_trainable,
+            profile=args.profile,
         )
+        result["results"] += rows
+        if prof is not None:
+            result.setdefault("profile", {})[dev] = prof
+            print(prof["table"], flush=True)
     result["ratios"] = ratios(result["results"])
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     # Other processes on the machine skew CPU timings: the 1-min load average before and after.
@@ -472,20 +566,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(result: dict) -> str:
-    hdr = "| device | batch | mode | ms / step | peak device MiB | peak RSS rise MiB | SAM enc / dec passes |"
-    lines = [hdr, "|---|---|---|---|---|---|---|"]
+    hdr = (
+        "| device | batch | precision | mode | ms / step | peak device MiB | peak RSS rise MiB "
+        "| SAM enc / dec passes |"
+    )
+    lines = [hdr, "|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
-            f"| {r['device']} | {r['batch']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
+            f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} |"
         )
-    lines += ["", "| device | batch | joint / UniMatch | reference / ours |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| device | batch | precision | joint / UniMatch | fp32 reference / ours |",
+        "|---|---|---|---|---|",
+    ]
     for q in result["ratios"]:
+        ref = "-" if q["reference_over_ours"] is None else f"{q['reference_over_ours']:.2f}"
         lines.append(
-            f"| {q['device']} | {q['batch']} | {q['joint_over_unimatch']:.2f} | "
-            f"{q['reference_over_ours']:.2f} |"
+            f"| {q['device']} | {q['batch']} | {q['amp']} | {q['joint_over_unimatch']:.2f} | {ref} |"
         )
     return "\n".join(lines)
 

@@ -131,10 +131,14 @@ class ScheduleConfig:
     log_every: int = 20
     num_workers: int = 0
     minutes: float = 0.0  # >0: fit the run into this wall time (iterations set from a timed probe)
+    amp: str = "fp32"  # fp32 | bf16 (autocast of the training forward passes; losses stay fp32)
+    channels_last: bool = False  # U-Net weights and inputs in channels-last memory format
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
             raise ValueError("schedule.iterations and schedule.batch_size must be >= 1")
+        if self.amp not in ("fp32", "bf16"):
+            raise ValueError(f"schedule.amp must be fp32 or bf16, got {self.amp!r}")
 
 
 @dataclass

@@ -59,6 +59,8 @@ class Trainer:
         if METHODS.get(cfg.method.name, Method).uses_unlabeled and data.unlabeled is None:
             raise ValueError(f"method {cfg.method.name!r} needs unlabeled data, and the split has none")
         self.model = build_unet(cfg).to(self.device)
+        if cfg.schedule.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.method = build_method(
             cfg, self.model, self.generator, data=data, device=self.device, **method_extra
         )
@@ -85,9 +87,15 @@ class Trainer:
         img_u = idx_u = None
         if self.method.uses_unlabeled and self.data.unlabeled is not None:
             img_u, _, idx_u = self.data.unlabeled.sample(s.batch_size, self.generator, self.device)
+        if s.channels_last:
+            img_x = img_x.contiguous(memory_format=torch.channels_last)
+            img_u = None if img_u is None else img_u.contiguous(memory_format=torch.channels_last)
         self.method.train()
         self.method.iteration = self.iteration
-        losses = self.method.train_step(img_x, mask_x, img_u, idx_x=idx_x, idx_u=idx_u)
+        # bf16 autocast: matmuls / convolutions in bf16, softmax and losses in fp32 (autocast's lists);
+        # no gradient scaler needed (bf16 has fp32's exponent range). Backward runs outside.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.amp == "bf16"):
+            losses = self.method.train_step(img_x, mask_x, img_u, idx_x=idx_x, idx_u=idx_u)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
@@ -105,11 +113,18 @@ class Trainer:
         bar = tqdm(total=until, initial=self.iteration, desc=self.cfg.method.name, disable=not progress)
         t0 = self._t_run0 = time.perf_counter()
         t_probe = t0
-        # Time budget: time steps 10..30 (the first ones pay for CUDA / cuDNN start-up).
+        # Time budget: time steps 10..30 (the first ones pay for CUDA / cuDNN start-up), and again
+        # whenever the method enters a stage whose steps cost differently (SAM-Match's joint stage).
         probe_start, probe_end = (self.iteration + 10, self.iteration + 30) if s.minutes > 0 else (-1, -1)
+        self.method.iteration = self.iteration
+        stage = self.method.stage()
         while self.iteration < until:
             logs = self.step()
             bar.update(1)
+            self.method.iteration = self.iteration
+            if s.minutes > 0 and self.method.stage() != stage:
+                stage = self.method.stage()
+                probe_start, probe_end = self.iteration + 10, self.iteration + 30
             if self.iteration == probe_start:
                 self._sync()
                 t_probe = time.perf_counter()

@@ -1,5 +1,9 @@
 """The SAM cascade at inference: Match prediction -> boxes -> SAM -> fused label."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
 
 from samatch.config import TrainConfig, apply_overrides
@@ -32,3 +36,52 @@ def test_cascade_refines_confident_classes_and_keeps_match_elsewhere():
         "cascade",
         int(refined.argmax(1).sum()),
     )
+
+
+@pytest.mark.slow
+def test_predict_and_evaluate_with_sam_cascade_use_the_runs_adapters(tmp_path):
+    # Prepare: a 2-iteration SAM-Match run on the lesion phantom (embeddings on the fly: no cache),
+    # and one phantom slice as a PNG.
+    from PIL import Image
+
+    from samatch.cli import main
+    from samatch.engine import load_run_cascade, load_run_model
+    from samatch.evaluate import predict_label
+
+    run = tmp_path / "run"
+    sets = [
+        "data.size=32", "data.max_unlabeled=1", "data.max_val_cases=1", "model.base_channels=4",
+        "schedule.batch_size=1", "sam.cache_embeddings=false", "sam.lora_rank=2", "device=cpu",
+    ]  # fmt: skip
+    argv = [
+        "train",
+        "--method",
+        "samatch",
+        "--format",
+        "phantom-lesion",
+        "--labeled",
+        "1",
+        "--iterations",
+        "2",
+    ]
+    assert main([*argv, "--out", str(run), "--quiet", *sum((["--set", s] for s in sets), [])]) == 0
+    reader = PhantomReader("lesion", size=32)
+    image = reader.cases("val")[0].load().image[3]  # (32, 32) float in [0, 1]
+    Image.fromarray((image * 255).astype(np.uint8)).save(tmp_path / "slice.png")
+
+    # Execute
+    code_p = main(["predict", "--run", str(run), str(tmp_path / "slice.png"), str(tmp_path / "p.png"),
+                   "--sam-cascade", "--device", "cpu"])  # fmt: skip
+    code_e = main(["evaluate", "--run", str(run), "--sam-cascade", "--device", "cpu"])
+
+    # Assert: predict's file is the cascade's label of that image (the run's adapters, threshold
+    # 0.5), and evaluate wrote its cascade summary beside the plain one's folder name.
+    assert code_p == 0 and code_e == 0
+    cfg, model, _ = load_run_model(run, "best", "cpu")
+    cascade = load_run_cascade(run, cfg, "best", "cpu", 0.5)
+    from samatch.io.busi import read_gray
+
+    expected = predict_label(model, read_gray(tmp_path / "slice.png")[None], cfg.data.size, "cpu", cascade)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), expected[0])
+    summary = json.loads((run / "eval_val_cascade" / "summary.json").read_text())
+    assert set(summary["classes"]) == {"1"}

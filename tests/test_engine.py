@@ -9,6 +9,17 @@ import torch
 from samatch.config import TrainConfig, apply_overrides
 from samatch.data import build_train_data
 from samatch.engine import Trainer, load_run_model, poly_lr
+from samatch.methods.base import register
+from samatch.methods.match import Supervised
+
+
+@register("test-two-stage")
+class TwoStage(Supervised):
+    """Supervised, in two named stages: "first" before iteration 40, "second" after."""
+
+    def stage(self) -> str:
+        return "second" if self.iteration >= 40 else "first"
+
 
 TINY = {
     "data.format": "phantom-cardiac",
@@ -195,6 +206,64 @@ def test_time_budget_cuts_the_schedule_and_records_it(tmp_path):
     saved = TrainConfig.load(tmp_path / "config.json")
     assert 30 <= result["iteration"] < 10000
     assert saved.schedule.iterations == result["iteration"] == cfg.schedule.iterations
+
+
+def test_time_budget_is_refit_when_the_method_changes_stage(tmp_path, monkeypatch):
+    # Prepare: record each fit (iteration, stage) and let it return the schedule unchanged.
+    cfg = tiny_cfg(**{"method.name": "test-two-stage", "schedule.iterations": 80, "schedule.minutes": 60})
+    trainer = Trainer(cfg, build_train_data(cfg))
+    fits = []
+
+    def record(seconds, steps, until):
+        fits.append((trainer.iteration, trainer.method.stage(), steps))
+        return until
+
+    monkeypatch.setattr(trainer, "_fit_time_budget", record)
+    # Execute
+    trainer.run(progress=False)
+    # Assert: one probe over steps 10..30 of the first stage, one over steps 10..30 of the second.
+    assert fits == [(30, "first", 20), (70, "second", 20)]
+
+
+def test_bf16_autocast_and_channels_last_train_like_fp32(phantom_data):
+    # Prepare: the same seed, data and first step in three settings.
+    cfg0, data = phantom_data
+
+    def first_step(**extra):
+        trainer = Trainer(tiny_cfg(**{"method.name": "unimatch", **extra}), data)
+        seen = []
+        trainer.model.register_forward_hook(
+            lambda m, i, o: seen.append(o[0].dtype if isinstance(o, tuple) else o.dtype)
+        )
+        logs = trainer.step()
+        return trainer, float(logs["loss"]), seen
+
+    # Execute
+    ref, loss32, dtypes32 = first_step()
+    amp, loss16, dtypes16 = first_step(**{"schedule.amp": "bf16"})
+    cl, loss_cl, _ = first_step(**{"schedule.channels_last": True})
+    # Assert: the U-Net ran in bf16 under autocast, its parameters stayed fp32, and the loss is the
+    # fp32 loss to bf16 precision (8 mantissa bits: ~0.4% per op); channels-last changes layout only.
+    assert set(dtypes32) == {torch.float32} and set(dtypes16) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in amp.model.parameters())
+    assert loss16 == pytest.approx(loss32, rel=0.05)
+    conv = next(m for m in cl.model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # Dropout masks are drawn in memory order, so the training loss differs slightly; without
+    # dropout the channels-last network computes the same function.
+    assert loss_cl == pytest.approx(loss32, rel=0.05)
+    ref.model.load_state_dict(cl.model.state_dict())
+    ref.model.eval(), cl.model.eval()
+    x = data.labeled.images[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            cl.model(x.contiguous(memory_format=torch.channels_last)), ref.model(x), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_unknown_amp_is_a_clear_error():
+    with pytest.raises(ValueError, match="schedule.amp must be fp32 or bf16"):
+        tiny_cfg(**{"schedule.amp": "fp8"})
 
 
 def test_a_semi_supervised_method_without_unlabeled_data_is_a_clear_error():

@@ -83,3 +83,32 @@ def test_refine_classes_drops_prompts_of_other_classes():
     _, valid_all = SamGuidance.boxes(stub, masks, largest=False, all_classes=True)
     assert valid.tolist() == [[True, False]]
     assert valid_all.tolist() == [[True, True]]
+
+
+def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
+    # Prepare: a stub SAM whose mask for a prompt is filled with that box's x0; classes 1 and 3 of
+    # 3 foreground classes are refined.
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamGuidance
+
+    calls = []
+
+    def fake_decode(emb, boxes):  # (B, K, 4) -> (B, K, 256, 256)
+        calls.append(tuple(boxes.shape))
+        return boxes[..., 0, None, None].expand(*boxes.shape[:2], 256, 256).clone()
+
+    stub = SimpleNamespace(
+        sam=SimpleNamespace(decode=fake_decode), refine_mask=torch.tensor([True, False, True])
+    )
+    boxes = torch.tensor([[[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]])  # (1, 3, 4)
+
+    # Execute
+    some = SamGuidance.decode(stub, None, boxes, 256, only_refined=True)
+    every = SamGuidance.decode(stub, None, boxes, 256)
+
+    # Assert: 2 prompts decoded instead of 3; class 2's logits are 0, the others in their places.
+    assert calls == [(1, 2, 4), (1, 3, 4)]
+    assert some.shape == every.shape == (1, 3, 256, 256)
+    assert some[0, :, 0, 0].tolist() == [10.0, 0.0, 50.0]
+    assert every[0, :, 0, 0].tolist() == [10.0, 30.0, 50.0]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from samatch.commands import add_cascade_arguments
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run folder made by `samatch train`")
@@ -16,17 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")
-    p.add_argument(
-        "--sam-cascade",
-        action="store_true",
-        help="refine the U-Net's prediction with the run's SAM (boxes -> SAM -> fused mask)",
-    )
-    p.add_argument(
-        "--cascade-threshold",
-        type=float,
-        default=0.5,
-        help="confidence a pixel needs to count for a cascade box (default 0.5)",
-    )
+    add_cascade_arguments(p)
 
 
 def format_summary(summary: dict, class_names) -> str:

@@ -2,7 +2,8 @@
 
 NIfTI in -> NIfTI out (uint8 labels, the input's affine and header); PNG in -> PNG out (class
 indices as pixel values; ``--scale`` stretches them to 0..255 for viewing); a folder -> a folder of
-the same file names. ``--overlay`` also writes ``<name>_overlay.png``: image, prediction and, with
+the same file names. ``--sam-cascade`` refines the U-Net's prediction with the run's SAM, as in
+`samatch evaluate`. ``--overlay`` also writes ``<name>_overlay.png``: image, prediction and, with
 ``--gt``, the ground truth, side by side (the middle slice of a volume).
 """
 
@@ -12,6 +13,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
+from samatch.commands import add_cascade_arguments
 
 SUFFIXES = (".nii.gz", ".nii", ".png")
 
@@ -25,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gt", help="ground-truth label file or folder (same names), for overlays")
     p.add_argument("--scale", action="store_true", help="PNG output stretched to 0..255")
     p.add_argument("--device", default="auto")
+    add_cascade_arguments(p)
 
 
 def _is_image(path: Path) -> bool:
@@ -96,10 +100,13 @@ def write_overlay(
 def run(args) -> int:
     from tqdm import tqdm
 
-    from samatch.engine import load_run_model
+    from samatch.engine import load_run_cascade, load_run_model
     from samatch.evaluate import predict_label
 
     cfg, model, device = load_run_model(args.run, args.checkpoint, args.device)
+    cascade = None
+    if args.sam_cascade:
+        cascade = load_run_cascade(args.run, cfg, args.checkpoint, device, args.cascade_threshold)
     src, dst = Path(args.input), Path(args.output)
     if src.is_dir():
         pairs = [(f, dst / f.name) for f in sorted(src.iterdir()) if f.is_file() and _is_image(f)]
@@ -114,7 +121,7 @@ def run(args) -> int:
     gt_root = Path(args.gt) if args.gt else None
     for f_in, f_out in tqdm(pairs, desc="predict", disable=len(pairs) < 3):
         image, nifti = _read(f_in)
-        label = predict_label(model, image, cfg.data.size, device)
+        label = predict_label(model, image, cfg.data.size, device, cascade)
         _write(f_out, label, nifti, cfg.model.num_classes, args.scale)
         if args.overlay:
             gt = None

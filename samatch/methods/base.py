@@ -46,6 +46,11 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def stage(self) -> str:
+        """The training stage at ``self.iteration``; staged methods name theirs, so that a time
+        budget re-times the steps when their cost changes."""
+        return "train"
+
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []
 

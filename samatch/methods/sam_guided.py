@@ -134,11 +134,19 @@ class SamGuidance(torch.nn.Module):
         scaled = torch.cat([boxes[..., :2] * k, (boxes[..., 2:] + 1) * k - 1], dim=-1)
         return scaled * valid[..., None], valid
 
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-        """Filled-shape logits at network size: (B, C-1, size, size)."""
-        logits = self.sam.decode(emb, boxes)  # (B, C-1, 256, 256)
+    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, size: int, only_refined: bool = False):
+        """Filled-shape logits at network size: (B, C-1, size, size).
+
+        ``only_refined``: decode only the classes of ``sam.refine_classes`` (the others get logits 0
+        and must be masked out by ``valid``), which saves their share of SAM's decoder.
+        """
+        keep = self.refine_mask.nonzero()[:, 0] if only_refined and not self.refine_mask.all() else None
+        logits = self.sam.decode(emb, boxes if keep is None else boxes[:, keep])  # (B, K, 256, 256)
         if size != SAM_GRID:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
+        if keep is not None:
+            full = logits.new_zeros(logits.shape[0], boxes.shape[1], size, size)
+            logits = full.index_copy(1, keep, logits)
         return logits
 
     def refine(self, probs: torch.Tensor, filled_logits: torch.Tensor, valid: torch.Tensor):
@@ -154,7 +162,7 @@ class SamGuidance(torch.nn.Module):
         probs = logits.float().softmax(1)
         masks = confident_masks(probs, threshold)
         boxes, valid = self.boxes(masks, self.cfg.largest_component)
-        filled = self.decode(self.embed(images), boxes, images.shape[-1])
+        filled = self.decode(self.embed(images), boxes, images.shape[-1], only_refined=True)
         pseudo, _ = self.refine(probs, filled, valid)
         return F.one_hot(pseudo, self.num_classes).permute(0, 3, 1, 2).float()
 
@@ -182,6 +190,9 @@ class SamMatch(UniMatch):
     def joint(self) -> bool:
         return self.iteration >= int(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
 
+    def stage(self) -> str:
+        return "joint" if self.joint() else "warmup"
+
     def pseudo_targets(self, pred_u_w, img_u=None, theta_u=None, idx_u=None, **ctx):
         if not self.joint():
             return super().pseudo_targets(pred_u_w)
@@ -193,7 +204,8 @@ class SamMatch(UniMatch):
         probs_raw = logits_raw.softmax(1)  # (B, C, S, S)
         masks = confident_masks(probs_raw, self.cfg.method.threshold)  # (B, C-1, S, S)
         boxes, valid = g.boxes(masks, self.cfg.sam.largest_component)
-        filled_logits = g.decode(g.embed(img_u, "unlabeled", idx_u), boxes, size)  # with grad (LoRA)
+        emb = g.embed(img_u, "unlabeled", idx_u)
+        filled_logits = g.decode(emb, boxes, size, only_refined=True)  # with grad (LoRA)
         pseudo_raw, conf_raw = g.refine(probs_raw, filled_logits.detach(), valid)
         # SAM learns from confident Match predictions (agreement), on the prompts it was given.
         target = filled_masks(
