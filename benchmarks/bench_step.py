@@ -276,6 +276,7 @@ def make_config(
     amp: str = "fp32",
     channels_last: bool = False,
     encoder_trainable: bool = False,
+    sam_checkpoint: str = "",
 ) -> TrainConfig:
     return apply_overrides(
         TrainConfig(),
@@ -286,6 +287,7 @@ def make_config(
             "data.max_val_cases": 1,
             "method.name": method,
             "sam.enclosed": "2>3",
+            "sam.checkpoint": sam_checkpoint,
             # encoder_trainable: LoRA in the image encoder too, so no embedding cache is possible.
             "sam.lora_targets": "encoder+decoder" if encoder_trainable else "decoder",
             "sam.cache_embeddings": not encoder_trainable,
@@ -366,6 +368,7 @@ def bench_device(
     channels_last: bool = False,
     encoder_trainable: bool = False,
     profile: bool = False,
+    sam_checkpoint: str = "",
 ) -> tuple[list, dict | None]:
     """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
     rows, prof = [], None
@@ -375,8 +378,14 @@ def bench_device(
         log(f"  {device} batch {batch:>2} {amp} {mode:<9} {r['ms_median']:10.1f} ms/step")
 
     for amp in amps:
+
+        def conf(method: str, encoder_trainable: bool = False, amp: str = amp) -> TrainConfig:
+            return make_config(
+                method, size, batches[0], device, amp, channels_last, encoder_trainable, sam_checkpoint
+            )
+
         # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
-        cfg = make_config("unimatch", size, batches[0], device, amp, channels_last)
+        cfg = conf("unimatch")
         trainer = Trainer(cfg, make_data(cfg, pool))
         for b in batches:
             cfg.schedule.batch_size = b
@@ -384,7 +393,7 @@ def bench_device(
         del trainer
         _free(device)
 
-        cfg = make_config("samatch", size, batches[0], device, amp, channels_last)
+        cfg = conf("samatch")
         trainer = _joint_trainer(cfg, pool, log)
         method = trainer.method
         assert isinstance(method, SamMatch)
@@ -394,7 +403,10 @@ def bench_device(
             assert method.joint()
             record("joint", b, amp, time_steps(trainer, steps, warmup))
             if profile and prof is None:
-                prof = profile_steps(trainer, steps=3)
+                try:
+                    prof = profile_steps(trainer, steps=3)
+                except Exception as err:  # a profiler problem must not cost the timings
+                    prof = {"error": f"{type(err).__name__}: {err}"}
             if amp != "fp32":
                 continue  # the reference's cost structure is timed once, in fp32
             method.__class__ = ReferenceSamMatch
@@ -406,7 +418,7 @@ def bench_device(
         _free(device)
 
         if encoder_trainable:  # LoRA in the encoder: no cache, one encoder pass per image per step
-            cfg = make_config("samatch", size, batches[0], device, amp, channels_last, encoder_trainable=True)
+            cfg = conf("samatch", encoder_trainable=True)
             trainer = _joint_trainer(cfg, pool, log)
             for b in batches:
                 cfg.schedule.batch_size = b
@@ -427,11 +439,18 @@ def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
             trainer.step()
         if cuda:
             torch.cuda.synchronize(trainer.device)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    table = p.key_averages().table(sort_by=key, row_limit=top)
+    events = p.key_averages()
+    key = "self_cpu_time_total"
+    if cuda:  # renamed "device" in newer torch; the old "cuda" name is kept as an alias for a while
+        key = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+    table = events.table(sort_by=key, row_limit=top)
     ops = [
         {"op": e.key, "calls": e.count, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
-        for e in sorted(p.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+        for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     ]
     return {"steps": steps, "sort_by": key, "ops": ops, "table": table}
 
@@ -501,6 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="profile 3 joint steps (first precision, batch)"
     )
+    parser.add_argument(
+        "--sam-checkpoint", default="", help="LiteMedSAM weights (default: the packaged file)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = parser.parse_args(argv)
     amps = tuple(a.strip() for a in args.amp.split(",") if a.strip())
@@ -554,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         result["results"] += rows
         if prof is not None:
             result.setdefault("profile", {})[dev] = prof
-            print(prof["table"], flush=True)
+            print(prof.get("table", prof.get("error")), flush=True)
     result["ratios"] = ratios(result["results"])
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     # Other processes on the machine skew CPU timings: the 1-min load average before and after.

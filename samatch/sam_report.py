@@ -5,6 +5,9 @@ For each foreground class, on validation slices where the class is present:
 * ``gt_box``: SAM prompted with the ground-truth box (the ceiling of box prompting);
 * ``gt_box_plain``: the same without the nested-structure rule (``sam.enclosed``), to show what a
   box around a ring gives (the filled disk);
+* ``gt_box_points``: the ground-truth box plus two points per class: a positive one on the class
+  (its pixel nearest the centroid) and, where the centroid falls outside the class (a ring's hole),
+  a negative one there; no nested-structure rule (another way to ask for a ring);
 * ``pred_box``: SAM prompted with boxes from the U-Net's prediction (what training uses);
 * ``unet``: the U-Net's own prediction, for reference;
 
@@ -24,7 +27,7 @@ import torch
 from samatch.io.base import Case
 from samatch.methods.sam_guided import ring_probs
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
-from samatch.prompts import confident_masks
+from samatch.prompts import confident_masks, points_from_masks
 
 
 def _dice(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -68,10 +71,14 @@ def pseudo_label_dice(
             "gt_box_plain": (gt, {}),
             "pred_box": (confident_masks(probs, threshold), enclosed),
         }
+        scale = 256 / x.shape[-1]  # network pixels -> SAM grid (pixel centres)
+        coords, point_labels, _ = points_from_masks(gt, negative_in_hole=True)
+        prompts["gt_box_points"] = (gt, {})
         for name, (masks, rule) in prompts.items():
             largest = name == "pred_box" and guide.cfg.largest_component
             boxes, valid = guide.boxes(masks, largest=largest, all_classes=True, enclosed=rule)
-            filled = guide.decode(emb, boxes, x.shape[-1])
+            points = ((coords + 0.5) * scale - 0.5, point_labels) if name == "gt_box_points" else None
+            filled = guide.decode(emb, boxes, x.shape[-1], points=points)
             p = torch.sigmoid(filled) * valid[:, :, None, None]
             sam_masks = ring_probs(p, rule) > 0.5
             out[name].append(torch.stack([_dice(sam_masks[:, k], gt[:, k]) for k in range(c - 1)], 1))

@@ -30,7 +30,7 @@ fi
 echo "[$(date +%T)] start"
 
 # 1. Step benchmark: UniMatch vs joint vs reference, fp32 and bf16, encoder-trainable, a profile.
-"$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp fp32,bf16 --encoder-trainable --profile \
+"$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp fp32,bf16 --encoder-trainable --profile --sam-checkpoint "$SAM_CKPT" \
   --out "$R/bench_step.json" > "$R/bench_step.log" 2>&1
 tail -25 "$R/bench_step.log"; pack bench
 

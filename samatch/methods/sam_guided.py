@@ -134,18 +134,24 @@ class SamGuidance(torch.nn.Module):
         scaled = torch.cat([boxes[..., :2] * k, (boxes[..., 2:] + 1) * k - 1], dim=-1)
         return scaled * valid[..., None], valid
 
-    def decode(self, emb: torch.Tensor, boxes: torch.Tensor, size: int, only_refined: bool = False):
+    def decode(
+        self, emb: torch.Tensor, boxes: torch.Tensor, size: int, only_refined: bool = False, points=None
+    ) -> torch.Tensor:
         """Filled-shape logits at network size: (B, C-1, size, size).
 
         ``only_refined``: decode only the classes of ``sam.refine_classes`` (the others get logits 0
         and must be masked out by ``valid``), which saves their share of SAM's decoder.
+        ``points``: optional point prompts on the SAM grid, (coords (B, C-1, P, 2), labels (B, C-1, P)).
         """
         keep = self.refine_mask.nonzero()[:, 0] if only_refined and not self.refine_mask.all() else None
-        logits = self.sam.decode(emb, boxes if keep is None else boxes[:, keep])  # (B, K, 256, 256)
+        if keep is not None:
+            boxes = boxes[:, keep]
+            points = None if points is None else (points[0][:, keep], points[1][:, keep])
+        logits = self.sam.decode(emb, boxes, points)  # (B, K, 256, 256)
         if size != SAM_GRID:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
         if keep is not None:
-            full = logits.new_zeros(logits.shape[0], boxes.shape[1], size, size)
+            full = logits.new_zeros(logits.shape[0], self.refine_mask.numel(), size, size)
             logits = full.index_copy(1, keep, logits)
         return logits
 
