@@ -572,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
             channels_last=args.channels_last,
             encoder_trainable=args.encoder_trainable,
             profile=args.profile,
+            sam_checkpoint=args.sam_checkpoint,
         )
         result["results"] += rows
         if prof is not None:

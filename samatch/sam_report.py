@@ -57,7 +57,7 @@ def pseudo_label_dice(
 ) -> dict[str, np.ndarray]:
     """{prompt source: (N, C-1) Dice} for one SamGuidance (see module docstring)."""
     c = guide.num_classes
-    classes = torch.arange(1, c).view(1, -1, 1, 1)
+    classes = torch.arange(1, c, device=labels.device).view(1, -1, 1, 1)
     out: dict[str, list[torch.Tensor]] = defaultdict(list)
     enclosed = guide.enclosed
     for i in range(0, len(images), batch):
@@ -84,7 +84,7 @@ def pseudo_label_dice(
             out[name].append(torch.stack([_dice(sam_masks[:, k], gt[:, k]) for k in range(c - 1)], 1))
         pred = probs.argmax(1)
         out["unet"].append(torch.stack([_dice(pred == k + 1, gt[:, k]) for k in range(c - 1)], 1))
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
 
 
 def summarize_report(results: dict[str, dict[str, np.ndarray]], class_names: Sequence[str]) -> dict:
