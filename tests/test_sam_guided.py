@@ -94,7 +94,7 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
 
     calls = []
 
-    def fake_decode(emb, boxes):  # (B, K, 4) -> (B, K, 256, 256)
+    def fake_decode(emb, boxes, points=None):  # (B, K, 4) -> (B, K, 256, 256)
         calls.append(tuple(boxes.shape))
         return boxes[..., 0, None, None].expand(*boxes.shape[:2], 256, 256).clone()
 
