@@ -14,4 +14,4 @@ test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	.venv/bin/ruff check samatch federation clients server simulations tests benchmarks
+	.venv/bin/ruff check samatch federation clients server simulations tests benchmarks deploy

@@ -3,28 +3,46 @@
 ``train``: load the global tensors (+ this site's BatchNorm under FedBN, kept in ``context.state``),
 train ``local-iterations`` steps of the global schedule, reply with exactly the shareable tensors
 (:func:`federation.state.shareable_keys`) and a MetricRecord (mean losses, ``num-examples`` = labeled
-slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model.
+slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model
+(and ``evaluate-seconds``).
+
+A site whose data cannot be read (missing folder, corrupt file, bad label map: ``DataError`` /
+``OSError``) replies with an error message naming the site, the file and the problem instead of
+arrays; the server logs it and aggregates nothing from that site, and the other sites go on.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
 from federation.config import parse_run_config, site_from_node_config
 from federation.local import evaluate_round, get_session, train_round
+from federation.packing import pack_record, unpack_record
 from federation.state import batchnorm_keys, from_record, shareable_keys, to_record
+from samatch.io.base import DataError
 
 app = ClientApp()
 
 LOCAL_KEY = "site-local"  # context.state record of tensors that never leave the site
+SITE_ERRORS = (DataError, OSError)  # the site's own data is unreadable: report it, do not crash
+
+
+class SiteDataError(RuntimeError):
+    """The site's data could not be loaded; ``str(err)`` names the site, the path and the problem."""
 
 
 def _session(context: Context):
     cfg, fed = parse_run_config(dict(context.run_config))
     site = site_from_node_config(dict(context.node_config), cfg, fed)
-    return get_session(site, cfg), fed
+    try:
+        return get_session(site, cfg), fed
+    except SITE_ERRORS as exc:
+        raise SiteDataError(f"site {site.name}: cannot load its data: {exc}") from exc
 
 
 def _local_state(context: Context) -> dict[str, torch.Tensor]:
@@ -32,13 +50,19 @@ def _local_state(context: Context) -> dict[str, torch.Tensor]:
     return from_record(record) if record is not None else {}
 
 
+def _error_reply(msg: Message, exc: Exception) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    session, fed = _session(context)
+    try:
+        session, fed = _session(context)
+    except SiteDataError as exc:
+        return _error_reply(msg, exc)
     server_round = int(msg.content["config"]["server-round"])
-    state, metrics = train_round(
-        session, from_record(msg.content["arrays"]), _local_state(context), server_round, fed
-    )
+    global_state = from_record(unpack_record(msg.content["arrays"]))
+    state, metrics = train_round(session, global_state, _local_state(context), server_round, fed)
     if fed.fedbn:  # kept on the site, in fp32 whatever the transport
         keys = sorted(batchnorm_keys(session.trainer.method))
         context.state[LOCAL_KEY] = to_record(state, keys, "fp32")
@@ -50,14 +74,20 @@ def train(msg: Message, context: Context) -> Message:
             "num-unlabeled": session.num_unlabeled,
         }
     )
+    arrays = pack_record(arrays) if fed.pack_arrays else arrays
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    session, _ = _session(context)
-    global_state = from_record(msg.content["arrays"]) if "arrays" in msg.content else {}
+    try:
+        session, _ = _session(context)
+    except SiteDataError as exc:
+        return _error_reply(msg, exc)
+    global_state = from_record(unpack_record(msg.content["arrays"])) if "arrays" in msg.content else {}
+    t0 = time.perf_counter()
     dice = evaluate_round(session, global_state, _local_state(context))
-    metrics = {**dice, "num-examples": len(session.trainer.data.val)}
+    seconds = time.perf_counter() - t0  # like train-seconds: lets a round's overhead be told from compute
+    metrics = {**dice, "evaluate-seconds": seconds, "num-examples": len(session.trainer.data.val)}
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

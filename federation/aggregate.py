@@ -1,7 +1,11 @@
-"""Weighted averaging of site states, with integer buffers kept integer.
+"""Aggregation of site states: weighted mean, or a robust coordinate-wise rule; integer buffers
+kept integer.
 
 Weight rules are registered by name (``weights`` in the run config): a site's weight is computed
-from the counts it reports in its training MetricRecord.
+from the counts it reports in its training MetricRecord. Aggregation rules are registered by name
+(``aggregation``): ``mean`` is the weighted mean; ``median`` and ``trimmed-mean`` are coordinate-wise
+and unweighted, so one poisoned site (or one that overstates its counts) cannot pull a coordinate
+past the honest sites' values (with 3 sites the median ignores any one of them).
 """
 
 from __future__ import annotations
@@ -28,23 +32,66 @@ def site_weights(metrics: Sequence[Mapping[str, float]], rule: str) -> list[floa
     return [w / total for w in raw]
 
 
+def _is_integer(arr: np.ndarray) -> bool:
+    return bool(np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
+
+
+def _weighted_mean(arrays: list[np.ndarray], weights: Sequence[float], trim: float) -> np.ndarray:
+    acc = np.zeros(arrays[0].shape, dtype=np.float64)
+    for arr, w in zip(arrays, weights, strict=True):
+        acc += w * arr.astype(np.float64)
+    return acc
+
+
+def _median(arrays: list[np.ndarray], weights: Sequence[float], trim: float) -> np.ndarray:
+    return np.median(np.stack([a.astype(np.float64) for a in arrays]), axis=0)
+
+
+def _trimmed_mean(arrays: list[np.ndarray], weights: Sequence[float], trim: float) -> np.ndarray:
+    """Per coordinate: sort the sites' values, drop floor(trim * n) at each end, mean the rest."""
+    n = len(arrays)
+    k = int(np.floor(trim * n))
+    stacked = np.sort(np.stack([a.astype(np.float64) for a in arrays]), axis=0)
+    return stacked[k : n - k].mean(axis=0)
+
+
+# name -> f(float arrays of the sites, normalised weights, trim fraction) -> float64 array
+AGGREGATORS: dict[str, Callable[[list[np.ndarray], Sequence[float], float], np.ndarray]] = {
+    "mean": _weighted_mean,
+    "median": _median,
+    "trimmed-mean": _trimmed_mean,
+}
+
+
 def aggregate_states(
-    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+    states: Sequence[Mapping[str, np.ndarray]],
+    weights: Sequence[float],
+    rule: str = "mean",
+    trim: float = 0.25,
 ) -> dict[str, np.ndarray]:
-    """Weighted mean of float arrays (accumulated in float64, returned as float32); integer arrays
-    (BatchNorm's ``num_batches_tracked``) take the maximum over sites: a step counter, not a weight,
-    and averaging it would turn it into a float."""
+    """Aggregate float arrays with ``rule`` (accumulated in float64, returned as float32).
+
+    Integer arrays (BatchNorm's ``num_batches_tracked``, a step counter) stay integer: the maximum
+    over sites under ``mean``, the lower median under the robust rules (so one hostile counter
+    cannot win).
+    """
     if not states or len(states) != len(weights):
         raise ValueError("need one weight per state and at least one state")
+    if rule not in AGGREGATORS:
+        raise ValueError(f"unknown aggregation {rule!r}; choose from {sorted(AGGREGATORS)}")
+    if not 0 <= trim < 0.5:
+        raise ValueError(f"trim fraction must be in [0, 0.5), got {trim}")
+    combine = AGGREGATORS[rule]
     keys = list(states[0])
     out: dict[str, np.ndarray] = {}
     for key in keys:
         arrays = [np.asarray(s[key]) for s in states]
-        if np.issubdtype(arrays[0].dtype, np.integer) or arrays[0].dtype == np.bool_:
-            out[key] = np.max(np.stack(arrays), axis=0).astype(arrays[0].dtype)
+        if _is_integer(arrays[0]):
+            stacked = np.stack(arrays)
+            if rule == "mean":
+                out[key] = np.max(stacked, axis=0).astype(arrays[0].dtype)
+            else:
+                out[key] = np.sort(stacked, axis=0)[(len(arrays) - 1) // 2].astype(arrays[0].dtype)
         else:
-            acc = np.zeros(arrays[0].shape, dtype=np.float64)
-            for arr, w in zip(arrays, weights, strict=True):
-                acc += w * arr.astype(np.float64)
-            out[key] = acc.astype(np.float32)
+            out[key] = combine(arrays, weights, trim).astype(np.float32)
     return out

@@ -7,7 +7,8 @@ applied through :func:`samatch.config.apply_overrides`, so unknown keys are erro
 
 Site facts come from the node config (STYLE 2): in simulation ``partition-id`` / ``num-partitions``
 pick a phantom site or a partition of a manifest; in deployment ``data-root``, ``data-format``,
-``site-name`` (and optionally ``splits-file``) describe the hospital's own folder.
+``site-name`` (and optionally ``splits-file``, ``label-map``, ``site-index``) describe the hospital's
+own folder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from samatch.config import TrainConfig, apply_overrides, coerce_value
 WEIGHTS = ("labeled", "unlabeled", "both")
 LORA_MODES = ("avg", "ffa")
 TRANSPORTS = ("fp32", "fp16")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # federation.aggregate.AGGREGATORS
+RESUME_AUTO = "auto"  # resume-from: continue from <out-dir>/last.pt when it exists
 
 
 @dataclass
@@ -44,7 +47,14 @@ class FederationConfig:
     out_dir: str = "runs/federated"  # results.json, best.pt, last.pt (server side)
     resume_from: str = ""  # a last.pt (or its folder) to continue from its round
     partition_manifest: str = ""  # simulations/ JSON manifest: partition-id -> site data
-    timeout: float = 3600.0  # seconds the server waits for a round's replies
+    round_timeout: float = 3600.0  # seconds the server waits for one phase's replies (and for nodes)
+    min_train_replies: int = 1  # fewest valid train replies a round needs to be aggregated
+    straggler_timeout: float = 0.0  # >0: once min-train-replies replied, wait at most this for the rest
+    evaluate_every: int = 1  # federated evaluation every N rounds (0: only after the last round)
+    pack_arrays: bool = False  # one byte array per message instead of one object per tensor
+    aggregation: str = "mean"  # mean (weighted) | median | trimmed-mean (coordinate-wise, unweighted)
+    trim_fraction: float = 0.25  # trimmed-mean: share of sites cut at each end per coordinate
+    max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1 or self.local_iterations < 1:
@@ -59,10 +69,26 @@ class FederationConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.fedprox_mu < 0:
             raise ValueError(f"fedprox-mu must be >= 0, got {self.fedprox_mu}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim-fraction must be in [0, 0.5), got {self.trim_fraction}")
+        if self.round_timeout <= 0:
+            raise ValueError(f"round-timeout must be > 0 seconds, got {self.round_timeout}")
+        if self.min_train_replies < 1:
+            raise ValueError(f"min-train-replies must be >= 1, got {self.min_train_replies}")
+        if self.evaluate_every < 0 or self.max_update_norm < 0 or self.straggler_timeout < 0:
+            raise ValueError("evaluate-every, max-update-norm and straggler-timeout must be >= 0")
 
     @property
     def last_round(self) -> int:
         return self.stop_after_round or self.num_server_rounds
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether round ``server_round`` (absolute) has a federated evaluation."""
+        if server_round in (self.last_round, self.num_server_rounds):
+            return True
+        return self.evaluate_every > 0 and server_round % self.evaluate_every == 0
 
 
 FED_KEYS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(FederationConfig)}
@@ -104,7 +130,8 @@ class Site:
 def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: FederationConfig) -> Site:
     """Node config -> :class:`Site`.
 
-    * deployment: ``data-root`` (+ ``data-format``, ``site-name``, ``splits-file``);
+    * deployment: ``data-root`` (+ ``data-format``, ``site-name``, ``splits-file``, ``label-map``,
+      ``site-index``);
     * simulation with ``partition-manifest``: the manifest's entry for ``partition-id``;
     * simulation on phantoms: phantom site ``partition-id`` (``data.root`` = "<id>").
     """
@@ -114,6 +141,8 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
             over["data.format"] = str(node_config["data-format"])
         if node_config.get("splits-file"):
             over["data.splits_file"] = str(node_config["splits-file"])
+        if node_config.get("label-map"):
+            over["data.label_map"] = str(node_config["label-map"])
         name = str(node_config.get("site-name") or Path(over["data.root"]).name)
         return Site(name, int(node_config.get("site-index", 0)), tuple(sorted(over.items())))
     if "partition-id" not in node_config:

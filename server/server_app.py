@@ -3,24 +3,65 @@
 Per round the strategy aggregates; the ``evaluate_fn`` hook (called by ``Strategy.start`` after every
 round with the new global arrays) records metrics, prints the round's Dice and writes
 ``results.json`` / ``last.pt`` / ``best.pt`` under run config ``out-dir``.
+
+``resume-from = "auto"`` makes a restart idempotent: if ``<out-dir>/last.pt`` exists (a coordinator
+stopped mid-run), the run continues after its round, provided the checkpoint was written with the
+same training settings; otherwise it starts at round 1. The deployment always launches with it, so
+relaunching the same command after a SuperLink / ServerApp restart resumes the run.
 """
 
 from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from federation.config import parse_run_config
+from federation.config import RESUME_AUTO, FederationConfig, parse_run_config
 from federation.local import initial_state
 from federation.outputs import RunRecorder, load_resume
 from federation.state import from_record, shareable_keys, to_record
+from samatch.config import TrainConfig
+from server.quorum import QuorumGrid
 from server.strategy import FedSAMatch
 
 app = ServerApp()
+
+
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    """{"schedule": {"lr": 0.1}} -> {"schedule.lr": 0.1}"""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_point(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, str] | None:
+    """(checkpoint, its path) to continue from: ``resume-from`` itself, or under ``"auto"`` the
+    out-dir's ``last.pt`` when there is one (refused, naming the keys, if its training settings
+    differ)."""
+    if not fed.resume_from:
+        return None
+    if fed.resume_from != RESUME_AUTO:
+        return load_resume(fed.resume_from), fed.resume_from
+    last = Path(fed.out_dir) / "last.pt"
+    if not last.is_file():
+        log(INFO, "resume-from=auto: no %s yet, starting at round 1", last)
+        return None
+    ckpt = load_resume(last)
+    saved, now = _dotted(ckpt.get("config", {})), _dotted(cfg.to_dict())
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if differ:
+        raise ValueError(
+            f'{last}: written with other settings ({differ[:5]}); use another out-dir or resume-from=""'
+        )
+    return ckpt, str(last)
 
 
 @app.main()
@@ -29,10 +70,11 @@ def main(grid: Grid, context: Context) -> None:
     state, method = initial_state(cfg)
     keys = shareable_keys(method, fed)
     offset, history = 0, []
-    if fed.resume_from:
-        ckpt = load_resume(fed.resume_from)
+    resumed = resume_point(cfg, fed)
+    if resumed is not None:
+        ckpt, path = resumed
         state, offset, history = ckpt["method"], int(ckpt["round"]), ckpt.get("history", [])
-        log(INFO, "resuming from %s at round %d", fed.resume_from, offset)
+        log(INFO, "resuming from %s at round %d", path, offset)
     if set(keys) - set(state):
         raise KeyError(f"global state lacks shareable keys {sorted(set(keys) - set(state))[:5]}")
     rounds = fed.last_round - offset
@@ -45,6 +87,13 @@ def main(grid: Grid, context: Context) -> None:
         weights=fed.weights,
         transport=fed.transport,
         round_offset=offset,
+        aggregation=fed.aggregation,
+        trim_fraction=fed.trim_fraction,
+        max_update_norm=fed.max_update_norm,
+        min_train_replies=fed.min_train_replies,
+        pack_arrays=fed.pack_arrays,
+        node_wait=fed.round_timeout,
+        evaluate_round=fed.evaluates,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,
@@ -60,6 +109,9 @@ def main(grid: Grid, context: Context) -> None:
         r = server_round + offset
         row = recorder.record(r, from_record(arrays), strategy.history.get(r, {}), time.perf_counter() - t0)
         ev = row.get("evaluate", {})
+        if "dice_mean" not in ev:
+            log(INFO, "round %d/%d: done (no federated evaluation this round)", r, fed.num_server_rounds)
+            return None
         per_class = " ".join(
             f"{k[5:]}={v:.3f}" for k, v in ev.items() if k.startswith("dice_") and k != "dice_mean"
         )
@@ -68,19 +120,22 @@ def main(grid: Grid, context: Context) -> None:
             "round %d/%d: val Dice %.4f (%s)%s",
             r,
             fed.num_server_rounds,
-            ev.get("dice_mean", float("nan")),
+            ev["dice_mean"],
             per_class,
             " *best*" if row["best"] else "",
         )
         return None
 
+    if fed.straggler_timeout > 0:  # a crashed site must not hold every round for round-timeout
+        grid = QuorumGrid(grid, fed.min_train_replies, fed.straggler_timeout)
     strategy.start(
         grid=grid,
         initial_arrays=to_record(state, keys, "fp32"),
         num_rounds=rounds,
-        timeout=fed.timeout,
+        timeout=fed.round_timeout,
         train_config=ConfigRecord(),
         evaluate_config=ConfigRecord(),
         evaluate_fn=end_of_round,
     )
-    log(INFO, "federated run done: best val Dice %.4f -> %s", recorder.best, recorder.out.resolve())
+    best = f"best val Dice {recorder.best:.4f}" if recorder.best >= 0 else "no federated evaluation"
+    log(INFO, "federated run done: %s -> %s", best, recorder.out.resolve())

@@ -1,27 +1,38 @@
-"""FedAvg with this project's four changes, each a thin override that calls ``super()``:
+"""FedAvg with this project's changes, each a thin override that calls ``super()`` where FedAvg
+does the work:
 
-* the global state is sent in the configured transport (fp16 halves the float bytes);
+* the global state is sent in the configured transport (fp16 halves the float bytes; ``pack-arrays``
+  sends one byte array instead of one object per tensor);
 * ``server-round`` counts from the resumed round (``round_offset``), so sites continue the schedule;
-* site updates are checked (exactly the expected keys, finite values) before aggregation;
-* arrays are averaged with :func:`federation.aggregate.aggregate_states` under a weight rule
-  (labeled / unlabeled / both slice counts): float32 out, integer buffers kept integer (max).
+* before sampling, the server waits at most ``node_wait`` seconds for enough SuperNodes (FedAvg
+  alone waits forever), then fails with a message that says how many came;
+* every reply is checked before aggregation (:mod:`federation.validate`: keys, shapes, dtypes,
+  finite values, update norm, counts); error replies, rejected replies and their reasons are logged
+  and kept per round in ``history``; a round with fewer than ``min_train_replies`` valid updates
+  leaves the global model unchanged;
+* arrays are aggregated with :func:`federation.aggregate.aggregate_states`: weighted mean under a
+  weight rule (labeled / unlabeled / both slice counts), or coordinate median / trimmed mean;
+* federated evaluation runs only on the rounds ``evaluate_round`` selects (``evaluate-every``).
 
 Aggregated metrics of every round are kept in ``history`` for the server's results.json.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from logging import WARNING
+import time
+from collections.abc import Callable, Iterable, Mapping
+from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from federation.aggregate import aggregate_states, site_weights
+from federation.packing import pack_record
 from federation.state import to_record
+from federation.validate import UpdateRejected, UpdateRules, check_evaluate_reply, check_train_reply
 
 
 class FedSAMatch(FedAvg):
@@ -31,74 +42,164 @@ class FedSAMatch(FedAvg):
         weights: str = "labeled",
         transport: str = "fp32",
         round_offset: int = 0,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.25,
+        max_update_norm: float = 10.0,
+        min_train_replies: int = 1,
+        pack_arrays: bool = False,
+        node_wait: float = 3600.0,
+        evaluate_round: Callable[[int], bool] | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
-        self.expected_keys = set(expected_keys)
+        self.expected_keys = frozenset(expected_keys)
         self.weights = weights
         self.transport = transport
         self.round_offset = round_offset
-        self.history: dict[int, dict[str, dict[str, float]]] = {}
+        self.aggregation = aggregation
+        self.trim_fraction = trim_fraction
+        self.max_update_norm = max_update_norm
+        self.min_train_replies = min_train_replies
+        self.pack_arrays = pack_arrays
+        self.node_wait = node_wait
+        self.evaluate_round = evaluate_round or (lambda r: True)
+        self.reference: dict[str, np.ndarray] | None = None  # global state sent this round
+        self.history: dict[int, dict[str, dict]] = {}
 
     # ---- outgoing ----------------------------------------------------------------------------------
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
-        if self.transport == "fp32":
-            return arrays
-        return to_record({k: v.numpy() for k, v in arrays.items()}, list(arrays), self.transport)
+        if self.transport != "fp32":
+            arrays = to_record({k: v.numpy() for k, v in arrays.items()}, list(arrays), self.transport)
+        return pack_record(arrays) if self.pack_arrays else arrays
+
+    def _wait_for_nodes(self, grid: Grid, need: int) -> None:
+        """Block until ``need`` SuperNodes are connected, at most ``node_wait`` seconds."""
+        deadline = time.monotonic() + self.node_wait
+        next_log = 0.0
+        while (have := len(list(grid.get_node_ids()))) < need:
+            now = time.monotonic()
+            if now >= deadline:
+                raise RuntimeError(
+                    f"only {have} SuperNode(s) connected after {self.node_wait:.0f} s; {need} needed "
+                    "(min-available-nodes / min-train-nodes); the run can be resumed from last.pt"
+                )
+            if now >= next_log:
+                log(INFO, "waiting for SuperNodes: %d connected, %d needed", have, need)
+                next_log = now + 10.0
+            time.sleep(1.0)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        self.reference = {k: v.numpy() for k, v in arrays.items()}
         return super().configure_train(server_round + self.round_offset, self._encode(arrays), config, grid)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0 or not self.evaluate_round(server_round + self.round_offset):
+            log(INFO, "configure_evaluate: no federated evaluation this round")
+            return []
+        self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         return super().configure_evaluate(
             server_round + self.round_offset, self._encode(arrays), config, grid
         )
 
     # ---- incoming ----------------------------------------------------------------------------------
-    def _valid_update(self, msg: Message) -> bool:
-        if msg.has_error():
-            return True  # FedAvg logs and drops it
-        records = list(msg.content.array_records.values())
-        keys = set(records[0].keys()) if len(records) == 1 else set()
-        if keys != self.expected_keys:
-            extra, missing = sorted(keys - self.expected_keys), sorted(self.expected_keys - keys)
-            log(
-                WARNING,
-                "dropping update of node %s: extra keys %s, missing %s",
-                msg.metadata.src_node_id,
-                extra[:5],
-                missing[:5],
-            )
-            return False
-        if not all(np.isfinite(a.numpy()).all() for a in records[0].values()):
-            log(WARNING, "dropping update of node %s: non-finite values", msg.metadata.src_node_id)
-            return False
-        return True
+    def _rules(self) -> UpdateRules:
+        return UpdateRules(self.expected_keys, self.reference, self.transport, self.max_update_norm)
+
+    def _screen(
+        self, server_round: int, replies: Iterable[Message], check: Callable[[RecordDict], object], phase: str
+    ) -> tuple[list[tuple[Message, object]], dict]:
+        """(reply, checked content) of the replies that pass ``check``, sorted by node id (so the
+        float64 sum order, and the result, do not depend on arrival order), and a report."""
+        accepted, report = [], {"replies": 0, "accepted": [], "rejected": {}, "failed": {}}
+        for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
+            node = msg.metadata.src_node_id
+            report["replies"] += 1
+            if msg.has_error():
+                report["failed"][str(node)] = msg.error.reason
+                log(
+                    WARNING,
+                    "round %d %s: node %s replied with an error: %s",
+                    server_round,
+                    phase,
+                    node,
+                    msg.error.reason,
+                )
+                continue
+            try:
+                accepted.append((msg, check(msg.content)))
+            except UpdateRejected as exc:
+                report["rejected"][str(node)] = str(exc)
+                log(WARNING, "round %d %s: rejected the reply of node %s: %s", server_round, phase, node, exc)
+                continue
+            report["accepted"].append(node)
+        return accepted, report
+
+    def _mean_metrics(self, metrics: list[Mapping[str, float]], train: bool) -> MetricRecord | None:
+        """FedAvg's weighted metric mean over the keys every accepted reply has."""
+        common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
+        if self.weighted_by_key not in common or sum(m[self.weighted_by_key] for m in metrics) <= 0:
+            return None
+        records = [RecordDict({"metrics": MetricRecord({k: m[k] for k in sorted(common)})}) for m in metrics]
+        aggregate = self.train_metrics_aggr_fn if train else self.evaluate_metrics_aggr_fn
+        return aggregate(records, self.weighted_by_key)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        # Sorted by node: the float64 sum order, and so the result, does not depend on arrival order.
-        replies = sorted((m for m in replies if self._valid_update(m)), key=lambda m: m.metadata.src_node_id)
-        _, metrics = super().aggregate_train(server_round, replies)  # checks replies, averages metrics
-        ok = [m.content for m in replies if not m.has_error()]
-        if not ok:
-            return None, metrics
-        site_metrics = [next(iter(c.metric_records.values())) for c in ok]
-        weights = site_weights(site_metrics, self.weights)
-        states = [{k: v.numpy() for k, v in next(iter(c.array_records.values())).items()} for c in ok]
-        merged = aggregate_states(states, weights)
+        r = server_round + self.round_offset
+        accepted, report = self._screen(r, replies, lambda c: check_train_reply(c, self._rules()), "train")
+        entry = self.history.setdefault(r, {})
+        entry["train-sites"] = report
+        log(
+            INFO,
+            "aggregate_train: %d accepted, %d rejected, %d failed",
+            len(accepted),
+            len(report["rejected"]),
+            len(report["failed"]),
+        )
+        if len(accepted) < self.min_train_replies:
+            log(
+                WARNING,
+                "round %d: %d valid update(s) < min-train-replies=%d: global model unchanged",
+                r,
+                len(accepted),
+                self.min_train_replies,
+            )
+            report["aggregated"] = False
+            return None, None
+        states = [state for _, (state, _) in accepted]
+        site_metrics = [metrics for _, (_, metrics) in accepted]
+        try:  # robust rules ignore the (self-reported) counts
+            weights = (
+                site_weights(site_metrics, self.weights)
+                if self.aggregation == "mean"
+                else [0.0] * len(states)
+            )
+        except ValueError as exc:
+            log(WARNING, "round %d: %s: global model unchanged", r, exc)
+            report["aggregated"] = False
+            return None, None
+        merged = aggregate_states(states, weights, self.aggregation, self.trim_fraction)
+        report["aggregated"] = True
         arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in merged.items()})
+        metrics = self._mean_metrics(site_metrics, train=True)
         if metrics is not None:
-            self.history.setdefault(server_round + self.round_offset, {})["train"] = dict(metrics)
+            entry["train"] = dict(metrics)
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, list(replies))
+        r = server_round + self.round_offset
+        replies = list(replies)
+        if not replies:
+            return None
+        accepted, report = self._screen(r, replies, check_evaluate_reply, "evaluate")
+        self.history.setdefault(r, {})["evaluate-sites"] = report
+        metrics = self._mean_metrics([m for _, m in accepted], train=False)
         if metrics is not None:
-            self.history.setdefault(server_round + self.round_offset, {})["evaluate"] = dict(metrics)
+            self.history[r]["evaluate"] = dict(metrics)
         return metrics

@@ -1,0 +1,87 @@
+"""A Grid wrapper whose ``send_and_receive`` stops waiting for stragglers.
+
+Flower's own ``send_and_receive(timeout=T)`` waits for every reply or for T. A site that crashed
+mid-round never replies, so each round would last the full ``round-timeout``. Here the wait ends
+when every reply is in, or ``grace`` seconds after ``quorum`` replies (of any kind: an error reply
+means that site is done) have arrived, or at the timeout, whichever comes first; late replies are
+dropped by Flower and the missing nodes are logged. Everything else is the wrapped Grid's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore import log
+from flwr.supercore.run import Run
+
+
+class QuorumGrid(Grid):
+    def __init__(self, grid: Grid, quorum: int, grace: float, poll: float = 1.0):
+        self.grid, self.quorum, self.grace, self.poll = grid, quorum, grace, poll
+
+    # ---- delegated -----------------------------------------------------------------------------------
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    # ---- the change ----------------------------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:
+            return []
+        dst = {m.metadata.dst_node_id for m in messages}
+        pending = set(self.push_messages(messages))
+        sent = len(pending)
+        need = min(self.quorum, sent)
+        start = time.monotonic()
+        deadline = start + timeout if timeout is not None else float("inf")
+        grace_end = None
+        replies: list[Message] = []
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or len(replies) >= sent:  # (a Grid may use its own message ids)
+                pending = set()
+                break
+            now = time.monotonic()
+            if grace_end is None and len(replies) >= need:
+                grace_end = now + self.grace
+            if now >= deadline or (grace_end is not None and now >= grace_end):
+                missing = sorted(dst - {m.metadata.src_node_id for m in replies})
+                why = "round-timeout" if now >= deadline else f"straggler grace {self.grace:g} s after quorum"
+                log(
+                    WARNING,
+                    "%d of %d replies after %.0f s (%s); going on without nodes %s",
+                    len(replies),
+                    len(dst),
+                    now - start,
+                    why,
+                    missing,
+                )
+                break
+            time.sleep(self.poll)
+        if not pending:
+            log(INFO, "all %d replies after %.0f s", len(replies), time.monotonic() - start)
+        return replies

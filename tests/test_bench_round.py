@@ -1,0 +1,172 @@
+"""benchmarks/bench_round.py: the JSON of a quick in-process run and the invariants of its numbers
+(bytes against the tensors' nbytes, fp16 against fp32, overhead = wall - training - evaluation), and
+its pieces on hand-made inputs. No timing thresholds: the benchmark measures, it does not judge."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation.config import parse_run_config
+from federation.local import initial_state
+from federation.state import shareable_keys
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-6  # seconds: float sums of perf_counter differences
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_round", REPO / "benchmarks" / "bench_round.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench_round") / "bench.json"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def tensor_bytes(method: str, transport: str) -> tuple[int, int]:
+    """(float, integer) bytes of the tensors a site sends, from the model itself."""
+    cfg, fed = parse_run_config(
+        {"model.base_channels": 16, "data.format": "phantom-cardiac", **bench.METHODS[method]}
+    )
+    state, model = initial_state(cfg)
+    keys = shareable_keys(model, fed)
+    half = 2 if transport == "fp16" else 1
+    floats = sum(state[k].nbytes // half for k in keys if state[k].is_floating_point())
+    return floats, sum(state[k].nbytes for k in keys if not state[k].is_floating_point())
+
+
+def payload(result: dict, method: str, transport: str, pack: bool = False) -> dict:
+    (row,) = [
+        p for p in result["payloads"] if (p["method"], p["transport"], p["pack"]) == (method, transport, pack)
+    ]
+    return row
+
+
+def test_quick_run_json_structure(quick):
+    assert quick["benchmark"] == "federation_round" and quick["scale"]["base_channels"] == 16
+    assert quick["hardware"]["cpu_count"] >= 1 and len(quick["load_average_1min"]) == 2
+    assert {(p["method"], p["transport"], p["pack"]) for p in quick["payloads"]} == {
+        (m, t, pack) for m in bench.METHODS for t in ("fp32", "fp16") for pack in (False, True)
+    }
+    assert [c["name"] for c in quick["cases"]] == ["inprocess unimatch fp32", "inprocess unimatch fp16"]
+    for case in quick["cases"]:
+        assert "error" not in case
+        assert [r["round"] for r in case["rounds"]] == [1, 2]
+        assert set(case["summary"]["breakdown"]) == {f"{k}_s" for k in bench.BREAKDOWN}
+        assert set(case["goals"]) == {"overhead_below_2s", "up_below_8MB", "down_below_8MB"}
+    assert "| inprocess | unimatch | fp16 | no |" in bench.format_table(quick)
+
+
+@pytest.mark.parametrize("method", list(bench.METHODS))
+def test_payload_bytes_are_the_tensors_nbytes(quick, method):
+    for transport in ("fp32", "fp16"):
+        floats, ints = tensor_bytes(method, transport)
+        for pack in (False, True):
+            row = payload(quick, method, transport, pack)
+            assert (row["float_bytes"], row["int_bytes"]) == (floats, ints)
+            assert row["tensor_bytes"] == floats + ints <= row["payload_bytes"] <= row["wire_bytes"] + 1024
+    # fp16 halves the float bytes exactly and leaves the integer buffers (int64) as they are.
+    fp32, fp16 = payload(quick, method, "fp32"), payload(quick, method, "fp16")
+    assert fp16["float_bytes"] * 2 == fp32["float_bytes"] and fp16["int_bytes"] == fp32["int_bytes"] > 0
+    assert fp16["tensors"] == fp32["tensors"]
+    # Packed: one Array (+ its chunks) instead of one Array and one chunk per distinct tensor.
+    assert payload(quick, method, "fp32", True)["wire_objects"] < 10 < fp32["wire_objects"]
+
+
+def test_lora_modes_add_a_and_b_or_b_only(quick):
+    uni, avg, ffa = (payload(quick, m, "fp32") for m in ("unimatch", "samatch-avg", "samatch-ffa"))
+    lora_ab, lora_b = avg["float_bytes"] - uni["float_bytes"], ffa["float_bytes"] - uni["float_bytes"]
+    assert 0 < lora_b < lora_ab
+    assert avg["tensors"] - uni["tensors"] == 2 * (ffa["tensors"] - uni["tensors"])  # one A and one B each
+
+
+def test_inprocess_rounds_add_up(quick):
+    for case in quick["cases"]:
+        for r in case["rounds"]:
+            parts = (r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"], *r["breakdown"].values())
+            assert all(v >= -TOL for v in parts), r
+            assert r["overhead_s"] == pytest.approx(r["wall_s"] - r["train_s"] - r["evaluate_s"], abs=TOL)
+            assert sum(r["breakdown"].values()) == pytest.approx(r["overhead_s"], abs=TOL)
+            assert r["evaluated"] and r["train_s"] > 0 and r["evaluate_s"] > 0
+
+
+@pytest.mark.parametrize("transport", ["fp32", "fp16"])
+def test_measured_bytes_per_site_equal_the_replies_tensors(quick, transport):
+    (case,) = [c for c in quick["cases"] if c["transport"] == transport]
+    expected = payload(quick, "unimatch", transport)
+    for r in case["rounds"]:
+        sites = r["bytes_per_site"]
+        assert len(sites) == quick["scale"]["sites"]
+        for site in sites.values():
+            # Up: the train reply; down: the train and the evaluate instructions (the global state twice).
+            assert site["messages_down"] == 2
+            assert site["up_tensor_bytes"] == expected["tensor_bytes"]
+            assert site["up_int_bytes"] == expected["int_bytes"]
+            assert site["up_payload_bytes"] == expected["payload_bytes"]
+            assert site["down_tensor_bytes"] == 2 * expected["tensor_bytes"]
+    assert case["summary"]["up_bytes_per_site"] == expected["payload_bytes"]
+
+
+def test_fp16_engine_sends_half_the_float_bytes(quick):
+    fp32, fp16 = (c["rounds"][-1]["bytes_per_site"] for c in quick["cases"])
+    for a, b in zip(fp32.values(), fp16.values(), strict=True):
+        assert b["up_float_bytes"] * 2 == a["up_float_bytes"] and b["up_int_bytes"] == a["up_int_bytes"]
+        assert b["down_float_bytes"] * 2 == a["down_float_bytes"]
+
+
+def test_clock_counts_nested_calls_once(monkeypatch):
+    # Prepare: a clock that ticks 1 s per reading.
+    ticks = iter(range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
+    clock = bench.Clock()
+    inner = clock.wrap("inner", lambda: None)
+    outer = clock.wrap("outer", lambda: inner())
+
+    # Execute: outer starts at 0, inner runs 1..2, outer ends at 3.
+    outer()
+
+    # Assert: exclusive seconds (outer 3 - 1), and the window selects by start time.
+    assert clock.seconds(0, 10) == {"outer": 2.0, "inner": 1.0}
+    assert clock.seconds(1, 10) == {"inner": 1.0}
+
+
+def test_results_rounds_from_a_results_json():
+    # Prepare: two rounds of a parallel engine; round 2 without federated evaluation.
+    results = {
+        "rounds": [
+            {
+                "round": 1,
+                "seconds": 10.0,
+                "train": {"train-seconds": 2.0},
+                "evaluate": {"evaluate-seconds": 1.0},
+            },
+            {"round": 2, "seconds": 14.0, "train": {"train-seconds": 1.5}},
+        ]
+    }
+
+    # Execute: two waves (the sites take turns)
+    rows = bench.results_rounds(results, waves=2)
+    bench.computed_bytes({"tensor_bytes": 100, "payload_bytes": 120}, rows)
+
+    # Assert
+    assert [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows] == [
+        (10.0, 4.0, 2.0, 4.0),
+        (4.0, 3.0, 0.0, 1.0),
+    ]
+    assert rows[0]["bytes_per_site"]["all"]["down_payload_bytes"] == 240  # train + evaluate
+    assert rows[1]["bytes_per_site"]["all"]["down_payload_bytes"] == 120
+    assert bench.summarize(rows)["overhead_s"] == 1.0  # warm rounds only
