@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # SAM-Match smoke run on real ACDC slices on a CPU (the other methods' smoke runs are tests:
 # tests/test_acdc_smoke.py). Reduced setting: 64 px U-Net (SAM still works at 256x256), 3 labeled
-# patients, 16 unlabeled slices, 200 iterations of batch 2, the last 40 in the joint stage; then
+# patients, 16 unlabeled slices, 150 iterations of batch 2, the last 30 in the joint stage; then
 # `samatch evaluate` (plain and --sam-cascade) and `samatch predict` on one validation volume.
 #   DATA=../shared/data/ACDC OUT=runs/cpu_smoke bash scripts/cpu_smoke.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/ACDC}
 OUT=${OUT:-runs/cpu_smoke}
-ITERS=${ITERS:-200}
+ITERS=${ITERS:-150}
 run=$OUT/samatch
 sets=(data.size=64 data.max_unlabeled=16 data.max_val_cases=4 model.base_channels=8 schedule.batch_size=2
       schedule.lr=0.03 schedule.eval_every=100000 schedule.log_every=20 sam.warmup_fraction=0.8
