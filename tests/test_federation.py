@@ -354,6 +354,54 @@ def test_samatch_round_sends_match_and_lora_b_only(tmp_path):
     assert any(not torch.equal(last["method"][k], init[k]) for k in lora_b)  # B left zero: it trained
 
 
+@pytest.mark.slow
+def test_two_round_samatch_federation_on_real_acdc_slices(tmp_path, acdc_root):
+    # Prepare: ACDC as 3 hospitals x 1 labeled patient (the simulations/acdc3x1 manifest), SAM-Match
+    # with plain LoRA averaging; tiny: 32 px, 1 unlabeled slice and 1 validation volume per site,
+    # SAM embeddings computed per batch (no cache), 2 rounds x 2 local steps.
+    from federation.local import initial_state
+
+    overrides = {
+        "method.name": "samatch",
+        "lora-mode": "avg",
+        "data.format": "acdc-h5",
+        "data.root": str(acdc_root),
+        "model.num_classes": 4,
+        "partition-manifest": str(REPO / "simulations" / "acdc3x1" / "manifest.json"),
+        "data.max_unlabeled": 1,
+        "data.max_val_cases": 1,
+        "sam.cache_embeddings": False,
+        "sam.lora_rank": 2,
+        "schedule.batch_size": 1,
+        "min-train-nodes": 3,
+        "min-evaluate-nodes": 3,
+        "min-available-nodes": 3,
+    }
+    cfg, fed = parse_run_config({**TINY, **overrides})
+    init, method = initial_state(cfg)
+    allowed = set(shareable_keys(method, fed))
+
+    # Execute
+    run_config = {**TINY, "out-dir": str(tmp_path / "run"), **overrides}
+    grid = run_inprocess(server_app, client_app, run_config, phantom_nodes(3))
+
+    # Assert: 3 sites x 2 rounds of train replies, each exactly the U-Net plus LoRA A and B (no image,
+    # label, embedding or frozen SAM tensor), float32; and the global U-Net and adapters moved.
+    train = [m for _, m in grid.sent if m.metadata.message_type == "train"]
+    assert len(train) == 3 * 2
+    assert {k.split(".")[0] for k in allowed} == {"model", "sam_lora"}
+    assert any(".lora_A." in k for k in allowed) and any(".lora_B." in k for k in allowed)
+    for msg in train:
+        assert set(msg.content.keys()) == {"arrays", "metrics"}
+        assert set(msg.content["arrays"]) == allowed
+        assert all(a.dtype in ("float32", "int64") for a in msg.content["arrays"].values())
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["round"] == 2
+    moved = {k for k in allowed if not torch.equal(last["method"][k].float(), init[k].float())}
+    assert any(k.startswith("model.") for k in moved)
+    assert any(".lora_B." in k for k in moved)  # B starts at zero: it trained and was averaged
+
+
 # ---- partitions ------------------------------------------------------------------------------------------
 
 
