@@ -68,7 +68,6 @@ import functools
 import json
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -91,6 +90,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_step import hardware  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from federation.aggregate import aggregate_states  # noqa: E402
@@ -741,23 +741,6 @@ def run_case(case: Case, scale: Scale, payloads: list[dict], workdir: Path, time
         computed_bytes(payload_for(payloads, case), run["rounds"])
     summary = summarize(run["rounds"])
     return {**asdict(case), "name": case.name, **run, "summary": summary, "goals": goals(summary)}
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -48,8 +48,6 @@ from samatch.methods.match import cutmix
 from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks
 from samatch.prompts import confident_masks, jitter_boxes
 
-MODES = ("unimatch", "joint", "reference", "joint_enc")
-
 # ---- the reference-equivalent pieces ---------------------------------------------------------------
 
 

@@ -98,8 +98,12 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
         calls.append(tuple(boxes.shape))
         return boxes[..., 0, None, None].expand(*boxes.shape[:2], 256, 256).clone()
 
+    refine_mask = torch.tensor([True, False, True])
     stub = SimpleNamespace(
-        sam=SimpleNamespace(decode=fake_decode), refine_mask=torch.tensor([True, False, True])
+        sam=SimpleNamespace(decode=fake_decode),
+        refine_mask=refine_mask,
+        refine_index=refine_mask.nonzero()[:, 0],
+        refines_all=False,
     )
     boxes = torch.tensor([[[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]])  # (1, 3, 4)
 

@@ -89,6 +89,9 @@ class SamGuidance(torch.nn.Module):
             torch.tensor([refined is None or c in refined for c in range(1, num_classes)]),
             persistent=False,
         )
+        # Fixed by the config, so decode never asks the device which classes to keep (no host sync).
+        self.refines_all = refined is None or all(c in refined for c in range(1, num_classes))
+        self.register_buffer("refine_index", self.refine_mask.nonzero()[:, 0], persistent=False)
 
     # ---- embeddings ---------------------------------------------------------------------------
     def encoder_trainable(self) -> bool:
@@ -143,7 +146,7 @@ class SamGuidance(torch.nn.Module):
         and must be masked out by ``valid``), which saves their share of SAM's decoder.
         ``points``: optional point prompts on the SAM grid, (coords (B, C-1, P, 2), labels (B, C-1, P)).
         """
-        keep = self.refine_mask.nonzero()[:, 0] if only_refined and not self.refine_mask.all() else None
+        keep = self.refine_index if only_refined and not self.refines_all else None
         if keep is not None:
             boxes = boxes[:, keep]
             points = None if points is None else (points[0][:, keep], points[1][:, keep])
