@@ -1,6 +1,7 @@
 """The hospital's ClientApp: message -> :mod:`federation.local` -> reply message.
 
-``train``: load the global tensors (+ this site's BatchNorm under FedBN, kept in ``context.state``),
+``train``: load the global tensors (+ this site's BatchNorm under FedBN, kept in ``context.state``
+and, with a state folder, on the site's disk: :mod:`federation.site_state`, so a resumed run has it),
 train ``local-iterations`` steps of the global schedule, reply with exactly the shareable tensors
 (:func:`federation.state.shareable_keys`) and a MetricRecord (mean losses, ``num-examples`` = labeled
 slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model
@@ -14,15 +15,18 @@ arrays; the server logs it and aggregates nothing from that site, and the other 
 from __future__ import annotations
 
 import time
+from logging import WARNING
 
 import torch
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from flwr.supercore import log
 
 from federation.config import parse_run_config, site_from_node_config
 from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
+from federation.site_state import load_local_round, save_local_round, site_state_folder
 from federation.state import batchnorm_keys, from_record, shareable_keys, to_record
 from samatch.io.base import DataError
 
@@ -62,10 +66,24 @@ def train(msg: Message, context: Context) -> Message:
         return _error_reply(msg, exc)
     server_round = int(msg.content["config"]["server-round"])
     global_state = from_record(unpack_record(msg.content["arrays"]))
-    state, metrics = train_round(session, global_state, _local_state(context), server_round, fed)
+    local = _local_state(context)
+    folder = site_state_folder(context.node_config, fed.site_state_dir, session.site.name)
+    if fed.fedbn and not local and server_round > 1:  # a resumed run: this node's context is new
+        saved = load_local_round(folder, server_round - 1) if folder else None
+        if saved is None:
+            log(
+                WARNING,
+                "site %s: no saved FedBN state of round %d: initial BatchNorm",
+                session.site.name,
+                server_round - 1,
+            )
+        local = saved or {}
+    state, metrics = train_round(session, global_state, local, server_round, fed)
     if fed.fedbn:  # kept on the site, in fp32 whatever the transport
         keys = sorted(batchnorm_keys(session.trainer.method))
         context.state[LOCAL_KEY] = to_record(state, keys, "fp32")
+        if folder:
+            save_local_round(folder, server_round, {k: state[k] for k in keys})
     arrays = to_record(state, shareable_keys(session.trainer.method, fed), fed.transport)
     metrics.update(
         {

@@ -149,7 +149,13 @@ def do_run(args: argparse.Namespace) -> int:
 
 def do_supernode(args: argparse.Namespace) -> int:
     site = cmd.SiteSpec(
-        args.site_name, args.data_root, args.data_format, args.label_map, args.splits_file, args.site_index
+        args.site_name,
+        args.data_root,
+        args.data_format,
+        args.label_map,
+        args.splits_file,
+        args.site_index,
+        args.state_dir,
     )
     argv = cmd.supernode_argv(
         site,
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default="")
     p.add_argument("--splits-file", default="")
     p.add_argument("--site-index", type=int, default=0, help="seeds this site's randomness")
+    p.add_argument("--state-dir", default="", help="site-local folder for FedBN state and SAM embeddings")
     p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp port (127.0.0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the ClientApp (0: torch's)")
     p.add_argument("--restart-delay", type=float, default=0.0, help=">0: restart after exits/crashes")

@@ -105,6 +105,7 @@ class SiteSpec:
     label_map: str = ""
     splits_file: str = ""
     index: int = 0  # seeds the site's per-round randomness; give each site its own
+    state_dir: str = ""  # site-local: FedBN tensors per round (federation.site_state)
 
     def node_config(self) -> str:
         """The ``--node-config`` string (``federation.config.site_from_node_config`` reads it)."""
@@ -114,6 +115,7 @@ class SiteSpec:
             ("data-format", self.data_format),
             ("label-map", self.label_map),
             ("splits-file", self.splits_file),
+            ("state-dir", self.state_dir),
         ):
             if value:
                 items[key] = value

@@ -55,6 +55,7 @@ class FederationConfig:
     aggregation: str = "mean"  # mean (weighted) | median | trimmed-mean (coordinate-wise, unweighted)
     trim_fraction: float = 0.25  # trimmed-mean: share of sites cut at each end per coordinate
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
+    site_state_dir: str = ""  # sites keep FedBN tensors here per round (node config state-dir wins)
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1 or self.local_iterations < 1:
@@ -131,7 +132,7 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
     """Node config -> :class:`Site`.
 
     * deployment: ``data-root`` (+ ``data-format``, ``site-name``, ``splits-file``, ``label-map``,
-      ``site-index``);
+      ``site-index``, ``state-dir``: site-local FedBN state and SAM embedding cache);
     * simulation with ``partition-manifest``: the manifest's entry for ``partition-id``;
     * simulation on phantoms: phantom site ``partition-id`` (``data.root`` = "<id>").
     """
@@ -143,6 +144,8 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
             over["data.splits_file"] = str(node_config["splits-file"])
         if node_config.get("label-map"):
             over["data.label_map"] = str(node_config["label-map"])
+        if node_config.get("state-dir"):  # the site's own folder also keeps its SAM embeddings
+            over["sam.cache_dir"] = str(Path(str(node_config["state-dir"])) / "sam_embeddings")
         name = str(node_config.get("site-name") or Path(over["data.root"]).name)
         return Site(name, int(node_config.get("site-index", 0)), tuple(sorted(over.items())))
     if "partition-id" not in node_config:

@@ -81,6 +81,7 @@ class SamConfig:
     box_jitter: int = 5  # max random shift of ground-truth box edges when adapting SAM
     largest_component: bool = True  # prompt boxes around the largest confident component only
     cache_embeddings: bool = True  # frozen encoder: embed every training slice once
+    cache_dir: str = ""  # with cache_embeddings: also keep them in this site-local folder (reused)
     enclosed: str = ""  # nested structures, "2>3": class 2 surrounds class 3 (ACDC myocardium / LV)
     refine_classes: str = ""  # classes SAM refines, e.g. "1,3"; empty = all; the others keep Match's
 

@@ -41,7 +41,11 @@ fi
 CORES="$(nproc 2>/dev/null || echo 1)"
 PER_CLIENT=$(( CORES / NUM_HOSPITALS ))
 [ "$PER_CLIENT" -ge 1 ] || PER_CLIENT=1
-FED_CFG="num-supernodes=$NUM_HOSPITALS client-resources-num-cpus=$PER_CLIENT init-args-num-cpus=$CORES"
+# Ray's CPUs are logical: with fewer cores than hospitals, declare one per hospital so that all train
+# at once (time-sliced) instead of in waves that leave cores idle while the last hospital trains.
+RAY_CPUS=$(( NUM_HOSPITALS * PER_CLIENT ))
+[ "$RAY_CPUS" -ge "$CORES" ] || RAY_CPUS=$CORES
+FED_CFG="num-supernodes=$NUM_HOSPITALS client-resources-num-cpus=$PER_CLIENT init-args-num-cpus=$RAY_CPUS"
 
 HEALTH="http://127.0.0.1:$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT/health"
 if "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[1], timeout=0.5)" "$HEALTH" 2>/dev/null; then
@@ -104,9 +108,12 @@ for _ in $(seq 60); do
 done
 
 echo "flwr_run: $NUM_HOSPITALS hospitals, $PER_CLIENT CPU(s) each of $CORES, FLWR_HOME=$FLWR_HOME"
-# Relative out-dir values are taken from this folder (the ServerApp runs elsewhere).
+# Relative out-dir values are taken from this folder (the ServerApp runs elsewhere). SAM embeddings
+# of the hospitals' slices are kept in runs/sam_cache: any worker (and the next run) reuses them;
+# FedBN's site-local BatchNorm in runs/site_state (a resumed run continues with it).
 timeout "$RUN_TIMEOUT" "$BIN/flwr" run . --stream --federation-config "$FED_CFG" \
-    -c "out-dir=\"$ROOT/runs/federated\"" "$@"
+    -c "out-dir=\"$ROOT/runs/federated\" sam.cache_dir=\"$ROOT/runs/sam_cache\"" \
+    -c "site-state-dir=\"$ROOT/runs/site_state\"" "$@"
 
 # `flwr run --stream` returns 0 even when the run failed: ask the SuperLink.
 STATUS="$("$BIN/flwr" ls --format json 2>/dev/null | "$BIN/python" -c '

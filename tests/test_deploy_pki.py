@@ -105,7 +105,7 @@ def test_superlink_command_is_secure_by_default(pki, tmp_path):
 
 def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
     # Prepare
-    site = cmd.SiteSpec("hospitalA", "/data/acdc h5", "acdc-h5", "chaos-liver", "", 2)
+    site = cmd.SiteSpec("hospitalA", "/data/acdc h5", "acdc-h5", "chaos-liver", "", 2, "/var/fl/A")
 
     # Execute: the string Flower parses, then the ClientApp's reading of it
     argv = cmd.supernode_argv(site, "fl.example.org:9093", pki.ca_cert, pki.node_key("hospitalA"))
@@ -119,7 +119,9 @@ def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
         "data.root": "/data/acdc h5",
         "data.format": "acdc-h5",
         "data.label_map": "chaos-liver",
+        "sam.cache_dir": "/var/fl/A/sam_embeddings",
     }
+    assert node_config["state-dir"] == "/var/fl/A"  # FedBN's per-round files (federation.site_state)
     assert "--auth-supernode-private-key" in argv and "--insecure" not in argv
     with pytest.raises(ValueError, match="quotes"):
         cmd.SiteSpec("x", 'a"b').node_config()

@@ -322,6 +322,43 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     assert [r["round"] for r in resumed["history"]] == [1, 2, 3, 4]
 
 
+def test_fedbn_resume_in_a_new_run_keeps_the_sites_batchnorm(tmp_path):
+    # Prepare: FedBN, 3 rounds; the resumed run gets fresh node contexts (a new Flower run)
+    fedbn = {"num-server-rounds": 3, "fedbn": True}
+
+    def final_site_bn(root: Path) -> dict:
+        return {
+            site.name: torch.load(max(site.glob("local-round*.pt")), weights_only=True)
+            for site in sorted((root / "sites").iterdir())
+        }
+
+    # Execute: uninterrupted; stopped after round 1 and resumed with the site folder; and without it
+    run_federation(tmp_path / "full", **fedbn, **{"site-state-dir": str(tmp_path / "full" / "sites")})
+    for name, state_dir in (("part", tmp_path / "part" / "sites"), ("lost", "")):
+        clear_sessions()
+        run_federation(tmp_path / name, **fedbn, **{"stop-after-round": 1, "site-state-dir": str(state_dir)})
+        clear_sessions()
+        last = str(tmp_path / name / "run" / "last.pt")
+        run_federation(tmp_path / name, **fedbn, **{"resume-from": last, "site-state-dir": str(state_dir)})
+
+    # Assert: with the folder, global model and every site's BatchNorm equal the uninterrupted run's
+    full = torch.load(tmp_path / "full" / "run" / "last.pt", weights_only=False)["method"]
+    part = torch.load(tmp_path / "part" / "run" / "last.pt", weights_only=False)["method"]
+    lost = torch.load(tmp_path / "lost" / "run" / "last.pt", weights_only=False)["method"]
+    assert all(torch.equal(full[k], part[k]) for k in full)
+    bn_full, bn_part = final_site_bn(tmp_path / "full"), final_site_bn(tmp_path / "part")
+    assert sorted(bn_full) == ["phantom-site0", "phantom-site1"]
+    for site, tensors in bn_full.items():
+        assert tensors.keys() == bn_part[site].keys() and len(tensors) > 0
+        assert all(torch.equal(v, bn_part[site][k]) for k, v in tensors.items()), site
+    assert sorted(p.name for p in (tmp_path / "full" / "sites" / "phantom-site0").iterdir()) == [
+        "local-round0002.pt",
+        "local-round0003.pt",
+    ]
+    # Without the folder the sites restart from their initial BatchNorm and the model differs.
+    assert any(not torch.equal(full[k], lost[k]) for k in full if full[k].is_floating_point())
+
+
 @pytest.mark.slow
 def test_samatch_round_sends_match_and_lora_b_only(tmp_path):
     # Prepare: SAM-Match with FFA-LoRA, one step on one round (LiteMedSAM on CPU is slow).

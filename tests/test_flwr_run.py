@@ -36,8 +36,8 @@ def test_flwr_run_local_simulation(tmp_path):
     }
     overrides = (
         f"num-server-rounds=2 local-iterations=2 data.size=32 model.base_channels=4 "
-        f'schedule.batch_size=2 data.max_unlabeled=6 out-dir="{out}"'
-    )
+        f'schedule.batch_size=2 data.max_unlabeled=2 out-dir="{out}" sam.cache_dir="{tmp_path / "emb"}"'
+    )  # the embedded default's method (SAM-Match), on a smaller schedule
 
     # Execute
     proc = subprocess.Popen(
@@ -73,4 +73,6 @@ def test_flwr_run_local_simulation(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert (home / "config.toml").is_file()
+    assert "train-loss_sam_x" in log  # SAM-Match ran (the default method), with SAM's own loss
+    assert len(list((tmp_path / "emb").glob("*.pt"))) == 4  # labeled + unlabeled set of each hospital
     assert not leftovers, f"processes left running: {leftovers}"

@@ -116,3 +116,37 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
     assert some.shape == every.shape == (1, 3, 256, 256)
     assert some[0, :, 0, 0].tolist() == [10.0, 0.0, 50.0]
     assert every[0, :, 0, 0].tolist() == [10.0, 30.0, 50.0]
+
+
+def test_build_cache_with_cache_dir_encodes_once_across_guides(tmp_path):
+    # Prepare: two guides (two worker processes of one site) whose "SAM" embeds an image as its mean.
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamGuidance
+
+    class FakeSam(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image_encoder = torch.nn.Linear(1, 1)
+            self.calls = 0
+
+        def encode(self, x):  # (B,1,S,S) -> (B,256,64,64)
+            self.calls += 1
+            return x.mean((1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 256, 64, 64)
+
+    images = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 1, 8, 8) / 4  # means 0, 0.25, 0.5
+    guides = [
+        SimpleNamespace(sam=FakeSam(), cfg=SimpleNamespace(cache_dir=str(tmp_path / d)), cache={})
+        for d in ("a", "a", "")
+    ]
+    guides[0].sam.image_encoder.load_state_dict(guides[1].sam.image_encoder.state_dict())
+
+    # Execute: batch 2 -> two encode calls for 3 images
+    for g in guides:
+        SamGuidance.build_cache(g, "unlabeled", images, "cpu", batch=2)
+
+    # Assert: the second guide read the first one's file; all three agree with the hand values.
+    assert [g.sam.calls for g in guides] == [2, 0, 2]
+    for g in guides:
+        assert g.cache["unlabeled"].dtype == torch.float16
+        assert g.cache["unlabeled"][:, 0, 0, 0].tolist() == [0.0, 0.25, 0.5]

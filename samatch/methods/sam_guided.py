@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from samatch.embedding_cache import EmbeddingStore
 from samatch.fusion import fuse
 from samatch.losses import binary_ce_loss, binary_dice_loss
 from samatch.methods.base import register
@@ -99,12 +100,24 @@ class SamGuidance(torch.nn.Module):
 
     @torch.no_grad()
     def build_cache(self, name: str, images: torch.Tensor, device, batch: int = 16) -> None:
-        """Embed a whole slice set once: images (N,1,S,S) -> cache[name] (N,256,64,64) fp16 on device."""
+        """Embed a whole slice set once: images (N,1,S,S) -> cache[name] (N,256,64,64) fp16 on device.
+
+        With ``sam.cache_dir`` the embeddings are read from / written to that folder
+        (:mod:`samatch.embedding_cache`), so another process on the same data does not encode again.
+        """
         self.sam.eval()
-        parts = [
-            self.sam.encode(images[i : i + batch].to(device)).half() for i in range(0, len(images), batch)
-        ]
-        self.cache[name] = torch.cat(parts)
+
+        def encode(imgs: torch.Tensor) -> torch.Tensor:
+            parts = [
+                self.sam.encode(imgs[i : i + batch].to(device)).half() for i in range(0, len(imgs), batch)
+            ]
+            return torch.cat(parts)
+
+        if self.cfg.cache_dir:
+            store = EmbeddingStore(self.cfg.cache_dir, self.sam.image_encoder)
+            self.cache[name] = store.get_or_compute(images, encode).to(device)
+        else:
+            self.cache[name] = encode(images)
 
     def embed(self, images: torch.Tensor, name: str | None = None, idx: torch.Tensor | None = None):
         """(B,1,S,S) -> (B,256,64,64), from the cache when it has this set."""
