@@ -27,7 +27,7 @@ from federation.config import parse_run_config, site_from_node_config
 from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
 from federation.site_state import load_local_round, save_local_round, site_state_folder
-from federation.state import batchnorm_keys, from_record, shareable_keys, to_record
+from federation.state import batchnorm_keys, from_record, from_wire, shareable_keys, to_record, to_wire
 from samatch.io.base import DataError
 
 app = ClientApp()
@@ -65,7 +65,8 @@ def train(msg: Message, context: Context) -> Message:
     except SiteDataError as exc:
         return _error_reply(msg, exc)
     server_round = int(msg.content["config"]["server-round"])
-    global_state = from_record(unpack_record(msg.content["arrays"]))
+    task = session.site.task  # cross-task: this site's U-Net travels under task.<name>.
+    global_state = from_wire(from_record(unpack_record(msg.content["arrays"])), task, fed.share_adapters)
     local = _local_state(context)
     folder = site_state_folder(context.node_config, fed.site_state_dir, session.site.name)
     if fed.fedbn and not local and server_round > 1:  # a resumed run: this node's context is new
@@ -84,7 +85,10 @@ def train(msg: Message, context: Context) -> Message:
         context.state[LOCAL_KEY] = to_record(state, keys, "fp32")
         if folder:
             save_local_round(folder, server_round, {k: state[k] for k in keys})
-    arrays = to_record(state, shareable_keys(session.trainer.method, fed), fed.transport)
+    wire = to_wire(
+        {k: state[k] for k in shareable_keys(session.trainer.method, fed)}, task, fed.share_adapters
+    )
+    arrays = to_record(wire, sorted(wire), fed.transport)
     metrics.update(
         {
             "num-examples": session.num_labeled,
@@ -100,10 +104,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        session, _ = _session(context)
+        session, fed = _session(context)
     except SiteDataError as exc:
         return _error_reply(msg, exc)
-    global_state = from_record(unpack_record(msg.content["arrays"])) if "arrays" in msg.content else {}
+    arrays = from_record(unpack_record(msg.content["arrays"])) if "arrays" in msg.content else {}
+    global_state = from_wire(arrays, session.site.task, fed.share_adapters)
     t0 = time.perf_counter()
     dice = evaluate_round(session, global_state, _local_state(context))
     seconds = time.perf_counter() - t0  # like train-seconds: lets a round's overhead be told from compute

@@ -74,6 +74,9 @@ def aggregate_states(
     Integer arrays (BatchNorm's ``num_batches_tracked``, a step counter) stay integer: the maximum
     over sites under ``mean``, the lower median under the robust rules (so one hostile counter
     cannot win).
+
+    States may hold different keys (cross-task federation: each task's U-Net comes only from that
+    task's sites): every key is aggregated over the states that have it, their weights renormalised.
     """
     if not states or len(states) != len(weights):
         raise ValueError("need one weight per state and at least one state")
@@ -82,10 +85,16 @@ def aggregate_states(
     if not 0 <= trim < 0.5:
         raise ValueError(f"trim fraction must be in [0, 0.5), got {trim}")
     combine = AGGREGATORS[rule]
-    keys = list(states[0])
+    keys = list(dict.fromkeys(k for s in states for k in s))
     out: dict[str, np.ndarray] = {}
     for key in keys:
-        arrays = [np.asarray(s[key]) for s in states]
+        holders = [i for i, s in enumerate(states) if key in s]
+        arrays = [np.asarray(states[i][key]) for i in holders]
+        w = weights
+        if len(holders) < len(states):
+            part = [weights[i] for i in holders]
+            total = sum(part)
+            w = [x / total for x in part] if total > 0 else [1.0 / len(part)] * len(part)
         if _is_integer(arrays[0]):
             stacked = np.stack(arrays)
             if rule == "mean":
@@ -93,5 +102,5 @@ def aggregate_states(
             else:
                 out[key] = np.sort(stacked, axis=0)[(len(arrays) - 1) // 2].astype(arrays[0].dtype)
         else:
-            out[key] = combine(arrays, weights, trim).astype(np.float32)
+            out[key] = combine(arrays, w, trim).astype(np.float32)
     return out

@@ -26,6 +26,7 @@ WEIGHTS = ("labeled", "unlabeled", "both")
 LORA_MODES = ("avg", "ffa")
 TRANSPORTS = ("fp32", "fp16")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # federation.aggregate.AGGREGATORS
+SHARE_ADAPTERS = ("all", "task")  # cross-task federation: LoRA averaged over all sites | per task
 RESUME_AUTO = "auto"  # resume-from: continue from <out-dir>/last.pt when it exists
 
 
@@ -56,6 +57,7 @@ class FederationConfig:
     trim_fraction: float = 0.25  # trimmed-mean: share of sites cut at each end per coordinate
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
     site_state_dir: str = ""  # sites keep FedBN tensors here per round (node config state-dir wins)
+    share_adapters: str = "all"  # cross-task: SAM LoRA averaged over all sites, or only within a task
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1 or self.local_iterations < 1:
@@ -70,6 +72,8 @@ class FederationConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.fedprox_mu < 0:
             raise ValueError(f"fedprox-mu must be >= 0, got {self.fedprox_mu}")
+        if self.share_adapters not in SHARE_ADAPTERS:
+            raise ValueError(f"share-adapters must be one of {SHARE_ADAPTERS}, got {self.share_adapters!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not 0 <= self.trim_fraction < 0.5:
@@ -123,6 +127,7 @@ class Site:
     name: str
     index: int  # partition id (simulation) or 0; seeds per-round randomness
     overrides: tuple[tuple[str, Any], ...]  # dotted TrainConfig keys (data.root, data.format, ...)
+    task: str = ""  # cross-task federation: the U-Net is aggregated only among sites of this task
 
     def apply(self, cfg: TrainConfig) -> TrainConfig:
         return apply_overrides(cfg, dict(self.overrides))
@@ -147,7 +152,12 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
         if node_config.get("state-dir"):  # the site's own folder also keeps its SAM embeddings
             over["sam.cache_dir"] = str(Path(str(node_config["state-dir"])) / "sam_embeddings")
         name = str(node_config.get("site-name") or Path(over["data.root"]).name)
-        return Site(name, int(node_config.get("site-index", 0)), tuple(sorted(over.items())))
+        task = str(node_config.get("task", ""))
+        task_over = {
+            k: v for k, v in task_overrides(fed.partition_manifest, task).items() if k != "data.root"
+        }
+        over = {**task_over, **over}  # the hospital's own folder and format win over the task's
+        return Site(name, int(node_config.get("site-index", 0)), tuple(sorted(over.items())), task)
     if "partition-id" not in node_config:
         raise ValueError("node config needs 'data-root' (deployment) or 'partition-id' (simulation)")
     pid, n = int(node_config["partition-id"]), int(node_config.get("num-partitions", 1))
@@ -157,10 +167,82 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
         if len(sites) != n:
             raise ValueError(f"{fed.partition_manifest}: {len(sites)} sites but {n} partitions (supernodes)")
         entry = sites[pid]
-        # The run config's data.root wins over the manifest's (the same dataset on another machine).
-        over = {"data.root": cfg.data.root or manifest["root"], "data.format": manifest.get("format", "")}
-        over["data.splits_file"] = str(Path(fed.partition_manifest).parent / entry["splits_file"])
-        return Site(entry["name"], pid, tuple(sorted(over.items())))
+        task = str(entry.get("task", ""))
+        if task:  # cross-task: the task's settings, then the site's own (data.root = the site's data)
+            over = {**task_overrides(fed.partition_manifest, task), **entry.get("overrides", {})}
+        else:  # the run config's data.root wins over the manifest's (the same dataset elsewhere)
+            over = {"data.root": cfg.data.root or manifest["root"], "data.format": manifest.get("format", "")}
+        if entry.get("splits_file"):
+            over["data.splits_file"] = str(Path(fed.partition_manifest).parent / entry["splits_file"])
+        return Site(entry["name"], pid, tuple(sorted(over.items())), task)
     if not cfg.data.format.startswith("phantom-"):
         raise ValueError("simulation on a real dataset needs run config 'partition-manifest'")
     return Site(f"phantom-site{pid}", pid, (("data.root", str(pid)),))
+
+
+def manifest_tasks(manifest_path: str) -> dict[str, dict[str, Any]]:
+    """A cross-task manifest's ``tasks``: name -> dotted TrainConfig overrides ({} when single-task).
+
+    Relative ``data.root`` values are taken from the manifest's folder, so the manifest works from
+    any working directory.
+    """
+    if not manifest_path:
+        return {}
+    path = Path(manifest_path)
+    try:
+        tasks = json.loads(path.read_text()).get("tasks", {})
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the partition manifest: {exc}") from exc
+    out = {}
+    for name, over in tasks.items():
+        if not isinstance(over, dict) or "model.num_classes" not in over:
+            raise ValueError(f"{path}: task {name!r} needs a table with model.num_classes")
+        over = dict(over)
+        root = over.get("data.root")
+        if (
+            root
+            and not str(over.get("data.format", "")).startswith("phantom-")
+            and not Path(root).is_absolute()
+        ):
+            over["data.root"] = str((path.parent / root).resolve())
+        out[name] = over
+    return out
+
+
+def task_overrides(manifest_path: str, task: str) -> dict[str, Any]:
+    """The overrides of ``task`` in the manifest ({} for no task); an unknown task is an error."""
+    if not task:
+        return {}
+    tasks = manifest_tasks(manifest_path)
+    if task not in tasks:
+        raise ValueError(
+            f"task {task!r} is not in the partition manifest {manifest_path!r} ({sorted(tasks)})"
+        )
+    return tasks[task]
+
+
+def toml_as_config_line(path: str | Path) -> str:
+    """A run-config TOML file -> one ``flwr run -c`` string ("k=v k=v"), so that a file can be given
+    together with other ``-c`` overrides (Flower refuses a TOML file beside key=value pairs)."""
+    import tomllib
+    from flwr.common.config import flatten_dict
+
+    p = Path(path)
+    try:
+        data = flatten_dict(tomllib.loads(p.read_text()))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ValueError(f"{p}: cannot read the run config: {exc}") from None
+    parts = []
+    for key, value in data.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            if '"' in value or "\\" in value:
+                raise ValueError(f"{p}: {key}: quotes and backslashes are not supported in values")
+            text = f'"{value}"'
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            raise ValueError(f"{p}: {key}: only strings, numbers and booleans are run-config values")
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -77,3 +77,44 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 def record_nbytes(record: ArrayRecord) -> int:
     """Serialized payload bytes of the arrays (what crosses the wire, headers included)."""
     return sum(len(v.data) for v in record.values())
+
+
+# ---- cross-task federation: wire names ------------------------------------------------------------
+# A site of task T sends its Match network as ``task.T.model.*``, so the server aggregates each task's
+# U-Net only among that task's sites; the LoRA adapters keep their plain ``sam_lora.*`` names (one
+# adapter shared by every task) unless ``share-adapters = "task"`` namespaces them too.
+TASK_PREFIX = "task."
+
+
+def wire_key(key: str, task: str, share_adapters: str = "all") -> str:
+    """A site's state key -> its name on the wire."""
+    if task and (key.startswith(MODEL_PREFIX) or share_adapters == "task"):
+        return f"{TASK_PREFIX}{task}.{key}"
+    return key
+
+
+def to_wire(state: Mapping, task: str, share_adapters: str = "all") -> dict:
+    return {wire_key(k, task, share_adapters): v for k, v in state.items()}
+
+
+def from_wire(state: Mapping, task: str, share_adapters: str = "all") -> dict:
+    """The entries of ``state`` meant for a site of ``task``, under the site's own key names (other
+    tasks' tensors are dropped)."""
+    if not task:
+        return dict(state)
+    own = f"{TASK_PREFIX}{task}."
+    out = {}
+    for key, value in state.items():
+        if key.startswith(own):
+            out[key[len(own) :]] = value
+        elif not key.startswith(TASK_PREFIX):
+            out[key] = value
+    return out
+
+
+def task_of_keys(keys: Iterable[str]) -> str:
+    """The task whose tensors a key set carries ("" for a single-task state)."""
+    tasks = {k[len(TASK_PREFIX) :].split(".", 1)[0] for k in keys if k.startswith(TASK_PREFIX)}
+    if len(tasks) > 1:
+        raise ValueError(f"a site's state carries tensors of several tasks: {sorted(tasks)}")
+    return tasks.pop() if tasks else ""

@@ -38,6 +38,7 @@ class UpdateRules:
     reference: Mapping[str, np.ndarray] | None = None  # the global state sent this round
     transport: str = "fp32"
     max_update_norm: float = 10.0  # relative to ||global||; 0 disables the check
+    key_sets: tuple[frozenset[str], ...] = ()  # cross-task: a reply holds exactly one of these
 
     def expected_dtype(self, ref: np.ndarray) -> np.dtype:
         return FLOAT_DTYPE[self.transport] if np.issubdtype(ref.dtype, np.floating) else ref.dtype
@@ -71,7 +72,10 @@ def check_metrics(content: RecordDict, required: Sequence[str]) -> dict[str, flo
 def check_arrays(arrays: Mapping[str, np.ndarray], rules: UpdateRules) -> None:
     """Keys, shapes, dtypes, finiteness and update norm of one site's state."""
     keys = set(arrays)
-    if keys != rules.keys:
+    if rules.key_sets and keys not in rules.key_sets:
+        extra = sorted(keys - rules.keys)
+        raise UpdateRejected(f"keys are not one task's set (extra {extra[:5]}, {len(keys)} keys)")
+    if not rules.key_sets and keys != rules.keys:
         extra, missing = sorted(keys - rules.keys), sorted(rules.keys - keys)
         raise UpdateRejected(f"keys differ: extra {extra[:5]}, missing {missing[:5]}")
     diff_sq, ref_sq = 0.0, 0.0

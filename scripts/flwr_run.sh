@@ -107,13 +107,31 @@ for _ in $(seq 60); do
     sleep 0.5
 done
 
+# Flower refuses a TOML file beside key=value overrides, and this script adds some: turn every
+# `-c FILE.toml` into the equivalent key=value string.
+ARGS=()
+while [ $# -gt 0 ]; do
+    if { [ "$1" = "-c" ] || [ "$1" = "--run-config" ]; } && [ $# -ge 2 ] && [[ "$2" == *.toml ]]; then
+        LINE="$("$BIN/python" -c 'import sys; from federation.config import toml_as_config_line as f
+try:
+    print(f(sys.argv[1]))
+except ValueError as e:
+    sys.exit(f"flwr_run: {e}")' "$2")"
+        ARGS+=("$1" "$LINE")
+        shift 2
+        continue
+    fi
+    ARGS+=("$1")
+    shift
+done
+
 echo "flwr_run: $NUM_HOSPITALS hospitals, $PER_CLIENT CPU(s) each of $CORES, FLWR_HOME=$FLWR_HOME"
 # Relative out-dir values are taken from this folder (the ServerApp runs elsewhere). SAM embeddings
 # of the hospitals' slices are kept in runs/sam_cache: any worker (and the next run) reuses them;
 # FedBN's site-local BatchNorm in runs/site_state (a resumed run continues with it).
 timeout "$RUN_TIMEOUT" "$BIN/flwr" run . --stream --federation-config "$FED_CFG" \
     -c "out-dir=\"$ROOT/runs/federated\" sam.cache_dir=\"$ROOT/runs/sam_cache\"" \
-    -c "site-state-dir=\"$ROOT/runs/site_state\"" "$@"
+    -c "site-state-dir=\"$ROOT/runs/site_state\"" "${ARGS[@]}"
 
 # `flwr run --stream` returns 0 even when the run failed: ask the SuperLink.
 STATUS="$("$BIN/flwr" ls --format json 2>/dev/null | "$BIN/python" -c '

@@ -20,11 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from federation.config import RESUME_AUTO, FederationConfig, parse_run_config
+from federation.config import RESUME_AUTO, FederationConfig, manifest_tasks, parse_run_config
 from federation.local import initial_state
 from federation.outputs import RunRecorder, load_resume
-from federation.state import from_record, shareable_keys, to_record
-from samatch.config import TrainConfig
+from federation.state import from_record, shareable_keys, to_record, to_wire
+from samatch.config import TrainConfig, apply_overrides
 from server.quorum import QuorumGrid
 from server.strategy import FedSAMatch
 
@@ -64,11 +64,28 @@ def resume_point(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, str] | 
     return ckpt, str(last)
 
 
+def global_start(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, list[str], list[frozenset[str]]]:
+    """(initial global state, its shareable keys, per-task key sets). A cross-task manifest gives one
+    U-Net per task (its own classes) under ``task.<name>.`` and one set of LoRA adapters, which all
+    tasks start from (the same seed); otherwise one model and no key sets."""
+    tasks = manifest_tasks(fed.partition_manifest)
+    if not tasks:
+        state, method = initial_state(cfg)
+        return state, shareable_keys(method, fed), []
+    state, key_sets = {}, []
+    for task, overrides in tasks.items():
+        task_state, method = initial_state(apply_overrides(cfg, overrides))
+        wire = to_wire({k: task_state[k] for k in shareable_keys(method, fed)}, task, fed.share_adapters)
+        for key, value in wire.items():
+            state.setdefault(key, value)
+        key_sets.append(frozenset(wire))
+    return state, sorted(state), key_sets
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = parse_run_config(dict(context.run_config))
-    state, method = initial_state(cfg)
-    keys = shareable_keys(method, fed)
+    state, keys, key_sets = global_start(cfg, fed)
     offset, history = 0, []
     resumed = resume_point(cfg, fed)
     if resumed is not None:
@@ -94,6 +111,7 @@ def main(grid: Grid, context: Context) -> None:
         pack_arrays=fed.pack_arrays,
         node_wait=fed.round_timeout,
         evaluate_round=fed.evaluates,
+        key_sets=key_sets,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,

@@ -12,7 +12,11 @@ does the work:
   leaves the global model unchanged;
 * arrays are aggregated with :func:`federation.aggregate.aggregate_states`: weighted mean under a
   weight rule (labeled / unlabeled / both slice counts), or coordinate median / trimmed mean;
-* federated evaluation runs only on the rounds ``evaluate_round`` selects (``evaluate-every``).
+* federated evaluation runs only on the rounds ``evaluate_round`` selects (``evaluate-every``);
+* cross-task federation (``key_sets``: one allowed key set per task): a reply must hold exactly one
+  task's set, each tensor is aggregated over the sites that sent it, and once a node has replied it is
+  sent only its own task's tensors (the first message carries every task's); per-task metrics are
+  kept in ``history`` under ``train-tasks`` / ``evaluate-tasks``.
 
 Aggregated metrics of every round are kept in ``history`` for the server's results.json.
 """
@@ -31,7 +35,7 @@ from flwr.supercore import log
 
 from federation.aggregate import aggregate_states, site_weights
 from federation.packing import pack_record
-from federation.state import to_record
+from federation.state import task_of_keys, to_record
 from federation.validate import UpdateRejected, UpdateRules, check_evaluate_reply, check_train_reply
 
 
@@ -49,6 +53,7 @@ class FedSAMatch(FedAvg):
         pack_arrays: bool = False,
         node_wait: float = 3600.0,
         evaluate_round: Callable[[int], bool] | None = None,
+        key_sets: Iterable[frozenset[str]] = (),
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -65,6 +70,9 @@ class FedSAMatch(FedAvg):
         self.evaluate_round = evaluate_round or (lambda r: True)
         self.reference: dict[str, np.ndarray] | None = None  # global state sent this round
         self.history: dict[int, dict[str, dict]] = {}
+        self.key_sets = tuple(frozenset(k) for k in key_sets)
+        self.node_keys: dict[int, frozenset[str]] = {}  # cross-task: what each node last sent
+        self._outgoing: ArrayRecord | None = None  # this phase's global arrays, before encoding
 
     # ---- outgoing ----------------------------------------------------------------------------------
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -93,6 +101,7 @@ class FedSAMatch(FedAvg):
     ) -> Iterable[Message]:
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         self.reference = {k: v.numpy() for k, v in arrays.items()}
+        self._outgoing = arrays
         return super().configure_train(server_round + self.round_offset, self._encode(arrays), config, grid)
 
     def configure_evaluate(
@@ -102,13 +111,53 @@ class FedSAMatch(FedAvg):
             log(INFO, "configure_evaluate: no federated evaluation this round")
             return []
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        self._outgoing = arrays
         return super().configure_evaluate(
             server_round + self.round_offset, self._encode(arrays), config, grid
         )
 
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str):
+        """FedAvg's one message per node; in a cross-task federation a node that has replied before
+        gets only its task's tensors (and the shared adapters)."""
+        if not self.key_sets or self._outgoing is None:
+            return super()._construct_messages(record, node_ids, message_type)
+        by_keys: dict[frozenset[str], RecordDict] = {}
+        messages = []
+        for node in node_ids:
+            keys = self.node_keys.get(node)
+            content = record
+            if keys is not None:
+                if keys not in by_keys:
+                    subset = ArrayRecord({k: self._outgoing[k] for k in sorted(keys)})
+                    by_keys[keys] = RecordDict(
+                        {
+                            self.arrayrecord_key: self._encode(subset),
+                            self.configrecord_key: record[self.configrecord_key],
+                        }
+                    )
+                content = by_keys[keys]
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+        return messages
+
     # ---- incoming ----------------------------------------------------------------------------------
     def _rules(self) -> UpdateRules:
-        return UpdateRules(self.expected_keys, self.reference, self.transport, self.max_update_norm)
+        return UpdateRules(
+            self.expected_keys, self.reference, self.transport, self.max_update_norm, self.key_sets
+        )
+
+    def _per_task(self, accepted: list[tuple[Message, Mapping[str, float]]], train: bool) -> dict:
+        """Cross-task: {task: the mean metrics of that task's accepted replies}."""
+        groups: dict[str, list[Mapping[str, float]]] = {}
+        for msg, metrics in accepted:
+            keys = self.node_keys.get(msg.metadata.src_node_id)
+            if keys is not None:
+                groups.setdefault(task_of_keys(keys), []).append(metrics)
+        out = {}
+        for task, metrics in sorted(groups.items()):
+            mean = self._mean_metrics(metrics, train=train)
+            if mean is not None:
+                out[task] = dict(mean)
+        return out
 
     def _screen(
         self, server_round: int, replies: Iterable[Message], check: Callable[[RecordDict], object], phase: str
@@ -174,6 +223,10 @@ class FedSAMatch(FedAvg):
             return None, None
         states = [state for _, (state, _) in accepted]
         site_metrics = [metrics for _, (_, metrics) in accepted]
+        if self.key_sets:
+            for msg, (state, _) in accepted:
+                self.node_keys[msg.metadata.src_node_id] = frozenset(state)
+            entry["train-tasks"] = self._per_task([(m, met) for m, (_, met) in accepted], train=True)
         try:  # robust rules ignore the (self-reported) counts
             weights = (
                 site_weights(site_metrics, self.weights)
@@ -199,6 +252,8 @@ class FedSAMatch(FedAvg):
             return None
         accepted, report = self._screen(r, replies, check_evaluate_reply, "evaluate")
         self.history.setdefault(r, {})["evaluate-sites"] = report
+        if self.key_sets:
+            self.history[r]["evaluate-tasks"] = self._per_task(accepted, train=False)
         metrics = self._mean_metrics([m for _, m in accepted], train=False)
         if metrics is not None:
             self.history[r]["evaluate"] = dict(metrics)

@@ -226,3 +226,30 @@ def test_json_save_load_round_trip(tmp_path):
     assert via_load_config == cfg
     assert type(back.model.dropout) is tuple
     assert dataclasses.asdict(back) == cfg.to_dict()
+
+
+def test_toml_run_config_becomes_one_flower_config_line(tmp_path):
+    # Prepare: a run-config file of each value type
+    from flwr.common.config import parse_config_args
+
+    from federation.config import toml_as_config_line
+
+    path = tmp_path / "run.toml"
+    path.write_text('num-server-rounds = 2\nfedbn = true\nschedule.lr = 0.01\nmethod.name = "samatch"\n')
+
+    # Execute
+    line = toml_as_config_line(path)
+
+    # Assert: the exact string, and Flower reads it back (beside another -c) as the file's values
+    assert line == 'num-server-rounds=2 fedbn=true schedule.lr=0.01 method.name="samatch"'
+    parsed = parse_config_args(['out-dir="/x"', line])
+    assert parsed == {
+        "out-dir": "/x",
+        "num-server-rounds": 2,
+        "fedbn": True,
+        "schedule.lr": 0.01,
+        "method.name": "samatch",
+    }
+    (tmp_path / "bad.toml").write_text('data.root = "a\\"b"\n')
+    with pytest.raises(ValueError, match="bad.toml: data.root: quotes"):
+        toml_as_config_line(tmp_path / "bad.toml")

@@ -193,3 +193,23 @@ def test_cutmix_pastes_the_previous_sample_inside_the_box():
     assert img_m[:, 0].tolist() == [[[2.0, 0.0]], [[1.0, 1.0]], [[2.0, 1.0]]]
     assert mask_m.tolist() == [[[2, 0]], [[1, 1]], [[2, 1]]]
     torch.testing.assert_close(conf_m, torch.tensor([[[0.2, 0.0]], [[0.1, 0.1]], [[0.2, 0.1]]]))
+
+
+def test_samatch_is_listed_but_imported_on_first_use():
+    # A fresh interpreter: the ClientApp module and the registry listing must not import peft (~4 s
+    # per deployed ClientApp process); looking the method up does.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, clients.client_app\n"
+        "from samatch.methods import METHODS\n"
+        "print(sorted(METHODS), 'samatch' in METHODS, 'peft' in sys.modules)\n"
+        "print(METHODS['samatch'].__name__, 'peft' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == [
+        "['fixmatch', 'samatch', 'supervised', 'unimatch'] True False",
+        "SamMatch True",
+    ]

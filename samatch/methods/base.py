@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
-METHODS: dict[str, type[Method]] = {}
+
+class Registry(Mapping):
+    """Method name -> class. Names in ``lazy`` are listed at once but their module is imported on
+    first lookup: SAM-Match pulls peft and transformers (about 4 s), which a UniMatch site, a CLI
+    listing or a ClientApp process answering an evaluation should not pay for."""
+
+    def __init__(self, lazy: Mapping[str, str]):
+        self._classes: dict[str, type] = {}
+        self._lazy = dict(lazy)
+
+    def add(self, name: str, cls: type) -> None:
+        if name in self._classes:
+            raise ValueError(f"method {name!r} registered twice")
+        self._classes[name] = cls
+
+    def __getitem__(self, name: str) -> type:
+        if name not in self._classes and name in self._lazy:
+            importlib.import_module(self._lazy[name])
+        return self._classes[name]
+
+    def __contains__(self, name: object) -> bool:  # no import just to answer "is it a method?"
+        return name in self._classes or name in self._lazy
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(set(self._classes) | set(self._lazy)))
+
+    def __len__(self) -> int:
+        return len(set(self._classes) | set(self._lazy))
+
+
+METHODS = Registry({"samatch": "samatch.methods.sam_guided"})
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
         cls.name = name
-        METHODS[name] = cls
+        METHODS.add(name, cls)
         return cls
 
     return deco

@@ -1,0 +1,152 @@
+"""Cross-task federation: cardiac and lesion hospitals share SAM's LoRA adapters, while each task's
+U-Net is aggregated only among that task's hospitals (real ServerApp / ClientApp, in process)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from clients.client_app import app as client_app
+from federation.aggregate import aggregate_states
+from federation.config import FederationConfig, parse_run_config, site_from_node_config
+from federation.inprocess import InProcessGrid, run_inprocess
+from federation.local import clear_sessions
+from federation.state import from_record, from_wire, task_of_keys, to_wire
+from server.server_app import app as server_app
+
+TASKS = {
+    "cardiac": {"data.format": "phantom-cardiac", "model.num_classes": 4},
+    "lesion": {"data.format": "phantom-lesion", "model.num_classes": 2},
+}
+SITES = [
+    {"name": "heart-a", "task": "cardiac", "overrides": {"data.root": "0"}},
+    {"name": "heart-b", "task": "cardiac", "overrides": {"data.root": "1"}},
+    {"name": "breast-c", "task": "lesion", "overrides": {"data.root": "2"}},
+]
+
+
+def write_manifest(tmp_path):
+    path = tmp_path / "crosstask.json"
+    path.write_text(json.dumps({"tasks": TASKS, "sites": SITES}))
+    return str(path)
+
+
+def test_wire_names_namespace_the_unet_and_optionally_the_adapters():
+    state = {"model.w": 1, "sam_lora.a": 2}
+    assert to_wire(state, "acdc") == {"task.acdc.model.w": 1, "sam_lora.a": 2}
+    assert to_wire(state, "acdc", "task") == {"task.acdc.model.w": 1, "task.acdc.sam_lora.a": 2}
+    assert to_wire(state, "") == state
+    incoming = {"task.acdc.model.w": 1, "task.busi.model.w": 9, "sam_lora.a": 2}
+    assert from_wire(incoming, "acdc") == state  # the other task's U-Net is dropped
+    assert task_of_keys(["task.busi.model.w", "sam_lora.a"]) == "busi" and task_of_keys(["model.w"]) == ""
+    with pytest.raises(ValueError, match="several tasks"):
+        task_of_keys(["task.a.model.w", "task.b.model.w"])
+
+
+def test_aggregation_per_key_over_the_sites_that_sent_it():
+    # Prepare: two cardiac sites and one lesion site, weights 0.5 / 0.25 / 0.25
+    states = [
+        {"lora": np.array([4.0]), "task.cardiac.w": np.array([2.0])},
+        {"lora": np.array([0.0]), "task.cardiac.w": np.array([6.0])},
+        {"lora": np.array([8.0]), "task.lesion.w": np.array([3.0])},
+    ]
+    # Execute
+    out = aggregate_states(states, [0.5, 0.25, 0.25])
+    # Assert: lora over all three = 0.5*4 + 0.25*0 + 0.25*8 = 4; cardiac over its two with weights
+    # renormalised to 2/3, 1/3: 2*2/3 + 6/3 = 10/3; lesion = its only site's value
+    assert out["lora"].tolist() == [4.0]
+    assert out["task.cardiac.w"].tolist() == pytest.approx([10 / 3])
+    assert out["task.lesion.w"].tolist() == [3.0]
+
+
+def test_manifest_site_gets_its_task_settings(tmp_path):
+    manifest = write_manifest(tmp_path)
+    cfg, fed = parse_run_config({"partition-manifest": manifest})
+    site = site_from_node_config({"partition-id": 2, "num-partitions": 3}, cfg, fed)
+    assert site.name == "breast-c" and site.task == "lesion"
+    assert dict(site.overrides) == {"data.format": "phantom-lesion", "model.num_classes": 2, "data.root": "2"}
+    with pytest.raises(ValueError, match="task 'liver' is not in the partition manifest"):
+        site_from_node_config(
+            {"data-root": "/d", "task": "liver"}, cfg, FederationConfig(partition_manifest=manifest)
+        )
+
+
+@pytest.mark.slow
+def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
+    # Prepare: SAM-Match on tiny phantoms, 2 rounds of 1 step; record what every node receives.
+    run_config = {
+        "method.name": "samatch",
+        "data.labeled": 1,
+        "data.size": 32,
+        "data.max_unlabeled": 1,
+        "model.base_channels": 4,
+        "schedule.batch_size": 2,
+        "sam.lora_rank": 2,
+        "device": "cpu",
+        "num-server-rounds": 2,
+        "local-iterations": 1,
+        "min-train-nodes": 3,
+        "min-evaluate-nodes": 3,
+        "min-available-nodes": 3,
+        "partition-manifest": write_manifest(tmp_path),
+        "out-dir": str(tmp_path / "run"),
+    }
+    received = []
+
+    def recording_app(msg, context):  # (node, type, round, keys) at receipt: the config is reused
+        rnd = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+        keys = set(msg.content["arrays"]) if "arrays" in msg.content else set()
+        received.append((context.node_id, msg.metadata.message_type, rnd, keys))
+        return client_app(msg, context)
+
+    nodes = [{"partition-id": i, "num-partitions": 3} for i in range(3)]
+    clear_sessions()
+    original = InProcessGrid.__init__
+
+    def init(self, _app, node_configs, rc):
+        original(self, recording_app, node_configs, rc)
+
+    # Execute
+    InProcessGrid.__init__ = init
+    try:
+        grid = run_inprocess(server_app, client_app, run_config, nodes)
+    finally:
+        InProcessGrid.__init__ = original
+        clear_sessions()
+
+    # Assert: uploads carry only the site's own task's U-Net plus the shared (un-namespaced) LoRA
+    task_of_node = {100: "cardiac", 101: "cardiac", 102: "lesion"}
+    uploads = {}
+    for node, reply in grid.sent:
+        if reply.metadata.message_type != "train":
+            continue
+        keys = set(reply.content["arrays"])
+        assert task_of_keys(keys) == task_of_node[node]
+        assert any(k.startswith("sam_lora.") for k in keys)
+        uploads[node] = from_record(reply.content["arrays"])  # the last round's upload wins
+    assert len(uploads) == 3
+    # Round 1 downloads carry every task; round 2 downloads only the node's own task (+ adapters)
+    r1 = [(n, keys) for n, kind, rnd, keys in received if kind == "train" and rnd == 1]
+    r2 = [(n, keys) for n, kind, rnd, keys in received if kind == "train" and rnd == 2]
+    assert len(r1) == len(r2) == 3
+    assert all({task_of_keys([k]) for k in keys} == {"", "cardiac", "lesion"} for _, keys in r1)
+    for node, keys in r2:
+        assert {task_of_keys([k]) for k in keys} == {"", task_of_node[node]}
+    # The final global state: adapters = mean over all three hospitals (6 labeled slices each),
+    # the cardiac U-Net = mean of the two cardiac hospitals, the lesion U-Net = its one hospital's
+    final = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["method"]
+    for key, value in final.items():
+        if not value.is_floating_point():
+            continue
+        holders = [uploads[n][key].double() for n in sorted(uploads) if key in uploads[n]]
+        expected = sum(holders) / len(holders)
+        assert len(holders) == {"": 3, "cardiac": 2, "lesion": 1}[task_of_keys([key])], key
+        assert torch.allclose(value.double(), expected, atol=1e-6), key
+    lora_b = [k for k in final if k.startswith("sam_lora.") and "lora_B" in k]
+    assert lora_b and any(final[k].abs().sum() > 0 for k in lora_b)  # the adapters trained
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["rounds"][-1]["evaluate-tasks"]) == {"cardiac", "lesion"}
+    assert "dice_lesion" in results["rounds"][-1]["evaluate-tasks"]["lesion"]
