@@ -253,3 +253,25 @@ def test_vit_b_takes_1024_imagenet_input():
     with torch.no_grad():
         logits = vit.decode(torch.randn(2, 256, 64, 64), torch.tensor([[[10.0, 20.0, 90.0, 100.0]]] * 2))
     assert logits.shape == (2, 1, 256, 256)
+
+
+def test_fold_batchnorm_keeps_the_frozen_encoders_output():
+    # Prepare: the packaged LiteMedSAM (real weights and running statistics), one image
+    from samatch.models.sam import build_sam
+    from samatch.models.tiny_vit import fold_batchnorm
+
+    sam = build_sam("litemedsam", None).eval().requires_grad_(False)  # frozen, as add_lora leaves it
+    image = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = sam.encode(image)
+
+    # Execute
+    folded = fold_batchnorm(sam.image_encoder)
+
+    # Assert: every BatchNorm gone, nothing trainable added, the same embedding (float rounding)
+    with torch.no_grad():
+        after = sam.train().encode(image)  # train mode: nothing left to use batch statistics
+    assert folded > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in sam.image_encoder.modules())
+    assert not any(p.requires_grad for p in sam.image_encoder.parameters())
+    assert torch.allclose(after, before, atol=1e-4), (after - before).abs().max()

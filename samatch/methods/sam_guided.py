@@ -32,6 +32,7 @@ from samatch.methods.base import register
 from samatch.methods.match import UniMatch
 from samatch.models.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
 from samatch.models.sam import build_sam
+from samatch.models.tiny_vit import fold_batchnorm
 from samatch.prompts import boxes_from_masks, confident_masks, jitter_boxes, largest_component
 
 SAM_GRID = 256
@@ -82,6 +83,8 @@ class SamGuidance(torch.nn.Module):
             seed=cfg.seed,
         )
         add_lora(self.sam, lora)
+        if not self.encoder_trainable():  # frozen: its BatchNorm can be folded into the convs
+            fold_batchnorm(self.sam.image_encoder)
         self.cache: dict[str, torch.Tensor] = {}  # not a buffer: never saved or sent
         refined = sc.refined()
         # (C-1,) bool: which foreground classes get a SAM prompt at all (pseudo-labels, cascade).

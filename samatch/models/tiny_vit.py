@@ -27,6 +27,25 @@ class Conv2dBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(c_out)
 
 
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every :class:`Conv2dBN`'s BatchNorm (running statistics) into its conv, in place.
+
+    For a frozen encoder only: the outputs are those of the module in eval mode (to float rounding),
+    one op per layer cheaper (about 10% of LiteMedSAM's encoder time on a CPU), and no BatchNorm is
+    left to switch to batch statistics when the method is put in training mode. Returns the count.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    count = 0
+    for m in module.modules():
+        if isinstance(m, Conv2dBN) and isinstance(m.bn, nn.BatchNorm2d):
+            fused = fuse_conv_bn_eval(m.c.eval(), m.bn.eval())
+            fused.requires_grad_(False)
+            m.c, m.bn = fused, nn.Identity()
+            count += 1
+    return count
+
+
 class PatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, C, H, W): per-pixel 3 -> C/2 -> C, no downsampling."""
 
