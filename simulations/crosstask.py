@@ -35,7 +35,6 @@ from federation.config import manifest_tasks, parse_run_config, site_from_node_c
 from federation.inprocess import run_inprocess
 from federation.local import clear_sessions, get_session, load_state
 from federation.state import from_wire
-from samatch.config import coerce_value
 from simulations.compare import hardware, load_run_config
 
 ARMS = {"shared": "all", "per-task": "task"}
@@ -52,7 +51,10 @@ def write_manifest(manifest: str, task_sets: list[str], out: Path) -> Path:
             raise ValueError(
                 f"--task-set {item!r}: expected TASK:KEY=VALUE with TASK in {sorted(data['tasks'])}"
             )
-        data["tasks"][task][key] = coerce_value(value, type(data["tasks"][task].get(key, value)), key)
+        try:  # numbers and booleans as JSON; anything else stays a string
+            data["tasks"][task][key] = json.loads(value)
+        except json.JSONDecodeError:
+            data["tasks"][task][key] = value
     path = out / "manifest.json"
     path.write_text(json.dumps(data, indent=1))
     return path

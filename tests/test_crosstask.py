@@ -150,3 +150,31 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["rounds"][-1]["evaluate-tasks"]) == {"cardiac", "lesion"}
     assert "dice_lesion" in results["rounds"][-1]["evaluate-tasks"]["lesion"]
+
+
+def test_crosstask_runner_manifest_and_table(tmp_path):
+    # Prepare: a manifest in its own folder with a relative data root
+    from simulations.crosstask import format_table, write_manifest
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    tasks = {"acdc": {"data.root": "../data/ACDC", "data.format": "acdc-h5", "model.num_classes": 4}}
+    (folder / "manifest.json").write_text(json.dumps({"tasks": tasks, "sites": []}))
+
+    # Execute
+    path = write_manifest(str(folder / "manifest.json"), ["acdc:data.max_unlabeled=3"], tmp_path)
+
+    # Assert: the root is absolute, the override is an int, and a bad --task-set is one clear error
+    written = json.loads(path.read_text())["tasks"]["acdc"]
+    assert written["data.root"] == str((tmp_path / "data" / "ACDC").resolve())
+    assert written["data.max_unlabeled"] == 3
+    with pytest.raises(ValueError, match="TASK:KEY=VALUE"):
+        write_manifest(str(folder / "manifest.json"), ["liver:data.labeled=1"], tmp_path)
+    arms = {
+        "shared": {"tasks": {"acdc": {"unet_dice": 0.5, "sam_gt_box": 0.75, "n": 8}}},
+        "per-task": {"tasks": {}},
+    }
+    assert format_table(arms).splitlines()[2:] == [
+        "| acdc | shared | 50.00 | 75.00 | 8 |",
+        "| acdc | per-task | - | - | - |",
+    ]
