@@ -58,6 +58,9 @@ class FederationConfig:
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
     site_state_dir: str = ""  # sites keep FedBN tensors here per round (node config state-dir wins)
     share_adapters: str = "all"  # cross-task: SAM LoRA averaged over all sites, or only within a task
+    server_val_root: str = ""  # a validation set on the server (federation/server_eval.py); "" = none
+    server_val_format: str = ""  # its format ("" = data.format)
+    server_val_label_map: str = ""
 
     def __post_init__(self) -> None:
         if self.num_server_rounds < 1 or self.local_iterations < 1:

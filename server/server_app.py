@@ -23,6 +23,7 @@ from flwr.supercore import log
 from federation.config import RESUME_AUTO, FederationConfig, manifest_tasks, parse_run_config
 from federation.local import initial_state
 from federation.outputs import RunRecorder, load_resume
+from federation.server_eval import ServerValidation
 from federation.state import from_record, shareable_keys, to_record, to_wire
 from samatch.config import TrainConfig, apply_overrides
 from server.quorum import QuorumGrid
@@ -119,17 +120,32 @@ def main(grid: Grid, context: Context) -> None:
         min_available_nodes=fed.min_available_nodes,
     )
     recorder = RunRecorder(fed.out_dir, cfg, fed, history)
+    if fed.server_val_root and key_sets:
+        raise ValueError("server-val-root is not supported with a cross-task manifest (one U-Net per task)")
+    server_val = ServerValidation.from_config(cfg, fed)
     t0 = time.perf_counter()
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:  # Strategy.start calls this once before round 1
             return None
         r = server_round + offset
-        row = recorder.record(r, from_record(arrays), strategy.history.get(r, {}), time.perf_counter() - t0)
+        state = from_record(arrays)
+        server_metrics = None
+        if server_val is not None:
+            server_metrics = server_val.evaluate(state)
+            strategy.history.setdefault(r, {})["server-evaluate"] = server_metrics
+            log(
+                INFO,
+                "round %d/%d: server validation Dice %.4f",
+                r,
+                fed.num_server_rounds,
+                server_metrics["dice_mean"],
+            )
+        row = recorder.record(r, state, strategy.history.get(r, {}), time.perf_counter() - t0)
         ev = row.get("evaluate", {})
         if "dice_mean" not in ev:
             log(INFO, "round %d/%d: done (no federated evaluation this round)", r, fed.num_server_rounds)
-            return None
+            return MetricRecord(server_metrics) if server_metrics else None
         per_class = " ".join(
             f"{k[5:]}={v:.3f}" for k, v in ev.items() if k.startswith("dice_") and k != "dice_mean"
         )
@@ -142,7 +158,7 @@ def main(grid: Grid, context: Context) -> None:
             per_class,
             " *best*" if row["best"] else "",
         )
-        return None
+        return MetricRecord(server_metrics) if server_metrics else None
 
     if fed.straggler_timeout > 0:  # a crashed site must not hold every round for round-timeout
         grid = QuorumGrid(grid, fed.min_train_replies, fed.straggler_timeout)

@@ -322,6 +322,28 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     assert [r["round"] for r in resumed["history"]] == [1, 2, 3, 4]
 
 
+def test_server_validation_scores_the_global_model_each_round(tmp_path):
+    # Prepare: the server holds phantom sites 0 and 1's validation volumes
+    from federation.server_eval import ServerValidation
+
+    # Execute
+    run_federation(tmp_path, **{"server-val-root": "0,1"})
+
+    # Assert: every round has server Dice; the last equals scoring last.pt's U-Net independently
+    rounds = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    assert [sorted(r["server-evaluate"]) for r in rounds] == [
+        ["dice_LV", "dice_RV", "dice_mean", "dice_myocardium"]
+    ] * 2
+    cfg, fed = parse_run_config({**TINY, "server-val-root": "0,1", "model.num_classes": 4})
+    val = ServerValidation.from_config(cfg, fed)
+    assert len(val.cases) == 4  # 2 validation patients per phantom site
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["method"]
+    assert val.evaluate(last) == pytest.approx(rounds[-1]["server-evaluate"])
+    with pytest.raises(ValueError, match="3 classes|2 classes"):
+        bad = {**TINY, "server-val-root": "0", "server-val-format": "phantom-lesion", "model.num_classes": 4}
+        ServerValidation.from_config(*parse_run_config(bad))
+
+
 def test_fedbn_resume_in_a_new_run_keeps_the_sites_batchnorm(tmp_path):
     # Prepare: FedBN, 3 rounds; the resumed run gets fresh node contexts (a new Flower run)
     fedbn = {"num-server-rounds": 3, "fedbn": True}
