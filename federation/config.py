@@ -58,6 +58,9 @@ class FederationConfig:
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
     site_state_dir: str = ""  # sites keep FedBN tensors here per round (node config state-dir wins)
     share_adapters: str = "all"  # cross-task: SAM LoRA averaged over all sites, or only within a task
+    warmup_rounds: int = (
+        0  # SAM-Match: rounds of Match warm-up + SAM adaptation before joint (0: sam.warmup_fraction)
+    )
     server_val_root: str = ""  # a validation set on the server (federation/server_eval.py); "" = none
     server_val_format: str = ""  # its format ("" = data.format)
     server_val_label_map: str = ""
@@ -75,6 +78,8 @@ class FederationConfig:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if self.fedprox_mu < 0:
             raise ValueError(f"fedprox-mu must be >= 0, got {self.fedprox_mu}")
+        if not 0 <= self.warmup_rounds < self.num_server_rounds:
+            raise ValueError(f"warmup-rounds must be in [0, num-server-rounds), got {self.warmup_rounds}")
         if self.share_adapters not in SHARE_ADAPTERS:
             raise ValueError(f"share-adapters must be one of {SHARE_ADAPTERS}, got {self.share_adapters!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -106,7 +111,10 @@ def parse_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, Federatio
     """Flower ``context.run_config`` -> (TrainConfig, FederationConfig), both validated.
 
     ``schedule.iterations`` is set to ``num-server-rounds * local-iterations`` so that the poly
-    learning rate decays over the whole federation; ``sam.lora_freeze_a`` follows ``lora-mode``.
+    learning rate decays over the whole federation; ``sam.lora_freeze_a`` follows ``lora-mode``;
+    ``warmup-rounds`` > 0 sets ``sam.warmup_fraction`` so that SAM-Match's joint stage starts exactly
+    at the first iteration of round ``warmup-rounds + 1`` (stages 1 and 2, Match warm-up and SAM
+    adaptation, run together before it).
     """
     hints = typing.get_type_hints(FederationConfig)
     fed_kwargs, train = {}, {}
@@ -119,6 +127,8 @@ def parse_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, Federatio
     fed = FederationConfig(**fed_kwargs)
     train["schedule.iterations"] = fed.num_server_rounds * fed.local_iterations
     train["sam.lora_freeze_a"] = fed.lora_mode == "ffa"
+    if fed.warmup_rounds:
+        train["sam.warmup_fraction"] = fed.warmup_rounds / fed.num_server_rounds
     cfg = apply_overrides(TrainConfig(), train)
     return cfg, fed
 

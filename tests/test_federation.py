@@ -322,6 +322,19 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     assert [r["round"] for r in resumed["history"]] == [1, 2, 3, 4]
 
 
+def test_warmup_rounds_start_the_joint_stage_at_a_round_boundary():
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamMatch
+
+    cfg, fed = parse_run_config({"num-server-rounds": 3, "local-iterations": 10, "warmup-rounds": 1})
+    assert cfg.sam.warmup_fraction == pytest.approx(1 / 3) and cfg.schedule.iterations == 30
+    # round 1 = iterations 0..9 (warm-up + SAM adaptation), round 2 starts the joint stage at 10
+    assert [SamMatch.joint(SimpleNamespace(iteration=i, cfg=cfg)) for i in (9, 10)] == [False, True]
+    with pytest.raises(ValueError, match="warmup-rounds"):
+        parse_run_config({"num-server-rounds": 3, "warmup-rounds": 3})
+
+
 def test_server_validation_scores_the_global_model_each_round(tmp_path):
     # Prepare: the server holds phantom sites 0 and 1's validation volumes
     from federation.server_eval import ServerValidation

@@ -213,7 +213,8 @@ class SamMatch(UniMatch):
         return {"box_jitter": self.box_gen}
 
     def joint(self) -> bool:
-        return self.iteration >= int(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
+        # round, not int: 1/3 * 30 is 9.999... in floating point, and the stage must start at 10
+        return self.iteration >= round(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
 
     def stage(self) -> str:
         return "joint" if self.joint() else "warmup"
