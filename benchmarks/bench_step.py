@@ -350,7 +350,7 @@ def _joint_trainer(cfg: TrainConfig, pool: int, log) -> Trainer:
     trainer = Trainer(cfg, make_data(cfg, pool))  # builds the embedding cache when it may
     log(f"  {cfg.device}: SAM-Match set-up ({cfg.sam.lora_targets} LoRA): {time.perf_counter() - t0:.1f} s")
     # Past warm-up: the joint stage (Trainer.step copies trainer.iteration to method.iteration).
-    trainer.iteration = int(cfg.sam.warmup_fraction * cfg.schedule.iterations)
+    trainer.iteration = trainer.method.joint_start()
     return trainer
 
 

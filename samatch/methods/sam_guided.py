@@ -212,9 +212,13 @@ class SamMatch(UniMatch):
     def generators(self):
         return {"box_jitter": self.box_gen}
 
+    def joint_start(self) -> int:
+        """First iteration of the joint stage. round, not int: 1/3 * 30 is 9.999... in floating
+        point, and ``warmup-rounds = 1`` of 3 x 10 iterations must start the joint stage at 10."""
+        return round(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
+
     def joint(self) -> bool:
-        # round, not int: 1/3 * 30 is 9.999... in floating point, and the stage must start at 10
-        return self.iteration >= round(self.cfg.sam.warmup_fraction * self.cfg.schedule.iterations)
+        return self.iteration >= self.joint_start()
 
     def stage(self) -> str:
         return "joint" if self.joint() else "warmup"
