@@ -104,3 +104,34 @@ def aggregate_states(
         else:
             out[key] = combine(arrays, w, trim).astype(np.float32)
     return out
+
+
+def lora_average_bias(states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]) -> float | None:
+    """How far plain LoRA averaging is from averaging the adapters' updates, over all layers:
+
+        || sum_i w_i B_i  @  sum_i w_i A_i  -  sum_i w_i B_i A_i ||_F  /  || sum_i w_i B_i A_i ||_F
+
+    (Frobenius norms summed over layers). 0 when the sites' A agree (FFA-LoRA sends no A at all:
+    None). ``weights`` are the aggregation weights; None when no state carries an A/B pair.
+    """
+    diff_sq = ref_sq = 0.0
+    found = False
+    for key_a in sorted({k for s in states for k in s if ".lora_A." in k}):
+        key_b = key_a.replace(".lora_A.", ".lora_B.")
+        holders = [i for i, s in enumerate(states) if key_a in s and key_b in s]
+        if not holders:
+            continue
+        found = True
+        w = np.array([weights[i] for i in holders], dtype=np.float64)
+        w = w / w.sum() if w.sum() > 0 else np.full(len(holders), 1.0 / len(holders))
+        a = [states[i][key_a].astype(np.float64).reshape(states[i][key_a].shape[0], -1) for i in holders]
+        b = [states[i][key_b].astype(np.float64).reshape(states[i][key_b].shape[0], -1) for i in holders]
+        mean_of_products = sum(wi * bi @ ai for wi, ai, bi in zip(w, a, b, strict=True))
+        product_of_means = sum(wi * bi for wi, bi in zip(w, b, strict=True)) @ sum(
+            wi * ai for wi, ai in zip(w, a, strict=True)
+        )
+        diff_sq += float(((product_of_means - mean_of_products) ** 2).sum())
+        ref_sq += float((mean_of_products**2).sum())
+    if not found:
+        return None
+    return float(np.sqrt(diff_sq) / max(np.sqrt(ref_sq), 1e-30))

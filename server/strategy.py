@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from federation.aggregate import aggregate_states, site_weights
+from federation.aggregate import aggregate_states, lora_average_bias, site_weights
 from federation.packing import pack_record
 from federation.state import task_of_keys, to_record
 from federation.validate import UpdateRejected, UpdateRules, check_evaluate_reply, check_train_reply
@@ -239,6 +239,10 @@ class FedSAMatch(FedAvg):
             return None, None
         merged = aggregate_states(states, weights, self.aggregation, self.trim_fraction)
         report["aggregated"] = True
+        if self.aggregation == "mean":  # plain LoRA averaging's distance from averaging the updates
+            bias = lora_average_bias(states, weights)
+            if bias is not None:
+                entry["lora-avg-bias"] = bias
         arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in merged.items()})
         metrics = self._mean_metrics(site_metrics, train=True)
         if metrics is not None:

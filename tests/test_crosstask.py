@@ -150,6 +150,8 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["rounds"][-1]["evaluate-tasks"]) == {"cardiac", "lesion"}
     assert "dice_lesion" in results["rounds"][-1]["evaluate-tasks"]["lesion"]
+    # plain averaging of sites' A and B: its gap from averaging B @ A is measured every round
+    assert all(0.0 <= r["lora-avg-bias"] < 10.0 for r in results["rounds"])
 
 
 def test_crosstask_runner_manifest_and_table(tmp_path):

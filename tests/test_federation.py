@@ -245,6 +245,18 @@ def test_lora_ffa_average_is_exact_plain_average_is_not():
     assert not np.allclose(avg["B"] @ avg["A"], ideal_avg, atol=1e-3)
 
 
+def test_lora_average_bias_by_hand():
+    from federation.aggregate import lora_average_bias
+
+    def site(a, b):  # 1x1 factors: delta W = b * a
+        return {"l.lora_A.x.weight": np.array([[a]]), "l.lora_B.x.weight": np.array([[b]])}
+
+    # mean of products 0.5*2*1 + 0.5*0*3 = 1; product of means (0.5*2 + 0.5*0) * (0.5*1 + 0.5*3) = 2
+    assert lora_average_bias([site(1.0, 2.0), site(3.0, 0.0)], [0.5, 0.5]) == pytest.approx(1.0)
+    assert lora_average_bias([site(1.0, 2.0), site(1.0, 5.0)], [0.25, 0.75]) == 0.0  # A agree: exact
+    assert lora_average_bias([{"l.lora_B.x.weight": np.ones((1, 1))}], [1.0]) is None  # FFA: B only
+
+
 def test_site_weights_need_positive_total():
     with pytest.raises(ValueError, match="positive sum"):
         site_weights([{"num-unlabeled": 0}, {"num-unlabeled": 0}], "unlabeled")
