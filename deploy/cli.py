@@ -156,6 +156,7 @@ def do_supernode(args: argparse.Namespace) -> int:
         args.splits_file,
         args.site_index,
         args.state_dir,
+        args.task,
     )
     argv = cmd.supernode_argv(
         site,
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits-file", default="")
     p.add_argument("--site-index", type=int, default=0, help="seeds this site's randomness")
     p.add_argument("--state-dir", default="", help="site-local folder for FedBN state and SAM embeddings")
+    p.add_argument("--task", default="", help="cross-task federation: this site's task in the run's manifest")
     p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp port (127.0.0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the ClientApp (0: torch's)")
     p.add_argument("--restart-delay", type=float, default=0.0, help=">0: restart after exits/crashes")

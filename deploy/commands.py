@@ -106,6 +106,7 @@ class SiteSpec:
     splits_file: str = ""
     index: int = 0  # seeds the site's per-round randomness; give each site its own
     state_dir: str = ""  # site-local: FedBN tensors per round (federation.site_state)
+    task: str = ""  # cross-task federation: a task of the run's partition manifest
 
     def node_config(self) -> str:
         """The ``--node-config`` string (``federation.config.site_from_node_config`` reads it)."""
@@ -116,6 +117,7 @@ class SiteSpec:
             ("label-map", self.label_map),
             ("splits-file", self.splits_file),
             ("state-dir", self.state_dir),
+            ("task", self.task),
         ):
             if value:
                 items[key] = value

@@ -107,6 +107,17 @@ class FederationConfig:
 FED_KEYS = {f.name.replace("_", "-"): f.name for f in dataclasses.fields(FederationConfig)}
 
 
+APP_ROOT = Path(__file__).resolve().parents[1]  # the app's folder (a FAB carries its .json files)
+
+
+def _resolve_app_path(path: str) -> str:
+    """A relative path that is not under the working directory but is in the app's folder (Flower
+    runs the ServerApp and ClientApps elsewhere, from the installed app) -> that absolute path."""
+    if path and not Path(path).is_absolute() and not Path(path).exists() and (APP_ROOT / path).exists():
+        return str(APP_ROOT / path)
+    return path
+
+
 def parse_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, FederationConfig]:
     """Flower ``context.run_config`` -> (TrainConfig, FederationConfig), both validated.
 
@@ -125,6 +136,7 @@ def parse_run_config(run_config: dict[str, Any]) -> tuple[TrainConfig, Federatio
         else:
             train[key] = value
     fed = FederationConfig(**fed_kwargs)
+    fed.partition_manifest = _resolve_app_path(fed.partition_manifest)
     train["schedule.iterations"] = fed.num_server_rounds * fed.local_iterations
     train["sam.lora_freeze_a"] = fed.lora_mode == "ffa"
     if fed.warmup_rounds:

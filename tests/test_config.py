@@ -253,3 +253,14 @@ def test_toml_run_config_becomes_one_flower_config_line(tmp_path):
     (tmp_path / "bad.toml").write_text('data.root = "a\\"b"\n')
     with pytest.raises(ValueError, match="bad.toml: data.root: quotes"):
         toml_as_config_line(tmp_path / "bad.toml")
+
+
+def test_relative_manifest_is_found_in_the_app_folder(tmp_path, monkeypatch):
+    # Flower runs the apps from another working directory: the manifest ships inside the app
+    from federation.config import APP_ROOT, parse_run_config
+
+    monkeypatch.chdir(tmp_path)
+    _, fed = parse_run_config({"partition-manifest": "simulations/crosstask/manifest.json"})
+    assert fed.partition_manifest == str(APP_ROOT / "simulations/crosstask/manifest.json")
+    _, fed = parse_run_config({"partition-manifest": "missing.json"})
+    assert fed.partition_manifest == "missing.json"  # unchanged: the reader names it in its error

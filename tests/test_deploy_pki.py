@@ -105,12 +105,14 @@ def test_superlink_command_is_secure_by_default(pki, tmp_path):
 
 def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
     # Prepare
-    site = cmd.SiteSpec("hospitalA", "/data/acdc h5", "acdc-h5", "chaos-liver", "", 2, "/var/fl/A")
+    site = cmd.SiteSpec("hospitalA", "/data/acdc h5", "acdc-h5", "chaos-liver", "", 2, "/var/fl/A", "acdc")
 
     # Execute: the string Flower parses, then the ClientApp's reading of it
     argv = cmd.supernode_argv(site, "fl.example.org:9093", pki.ca_cert, pki.node_key("hospitalA"))
     node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
-    cfg, fed = parse_run_config({})
+    manifest = tmp_path / "tasks.json"  # the coordinator's cross-task manifest (tasks only)
+    manifest.write_text('{"tasks": {"acdc": {"model.num_classes": 4, "sam.enclosed": "2>3"}}, "sites": []}')
+    cfg, fed = parse_run_config({"partition-manifest": str(manifest)})
     parsed = site_from_node_config(node_config, cfg, fed)
 
     # Assert
@@ -120,7 +122,10 @@ def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
         "data.format": "acdc-h5",
         "data.label_map": "chaos-liver",
         "sam.cache_dir": "/var/fl/A/sam_embeddings",
+        "model.num_classes": 4,
+        "sam.enclosed": "2>3",
     }
+    assert parsed.task == "acdc"
     assert node_config["state-dir"] == "/var/fl/A"  # FedBN's per-round files (federation.site_state)
     assert "--auth-supernode-private-key" in argv and "--insecure" not in argv
     with pytest.raises(ValueError, match="quotes"):
