@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from samatch.methods.sam_guided import filled_masks, invert_affine, ring_probs
@@ -150,3 +151,41 @@ def test_build_cache_with_cache_dir_encodes_once_across_guides(tmp_path):
     for g in guides:
         assert g.cache["unlabeled"].dtype == torch.float16
         assert g.cache["unlabeled"][:, 0, 0, 0].tolist() == [0.0, 0.25, 0.5]
+
+
+@pytest.mark.slow
+def test_cached_embeddings_step_equals_encoding_every_step():
+    # Prepare: two SAM-Match trainers from the same seed on the same phantom slices, joint stage from
+    # step 0; one encodes every batch (the straightforward path), one reads the fp16 cache.
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+
+    overrides = {
+        "method.name": "samatch",
+        "data.format": "phantom-cardiac",
+        "data.size": 32,
+        "data.labeled": 1,
+        "data.max_unlabeled": 2,
+        "model.base_channels": 4,
+        "schedule.batch_size": 2,
+        "schedule.iterations": 4,
+        "sam.lora_rank": 2,
+        "sam.warmup_fraction": 0.0,
+        "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
+        "device": "cpu",
+    }
+    logs = {}
+    for cache in (False, True):
+        cfg = apply_overrides(TrainConfig(), {**overrides, "sam.cache_embeddings": cache})
+        trainer = Trainer(cfg, build_train_data(cfg))
+
+        # Execute: two steps
+        logs[cache] = [trainer.step() for _ in range(2)]
+
+    # Assert: the same losses up to the cache's float16 rounding of the embeddings
+    for plain, cached in zip(logs[False], logs[True], strict=True):
+        assert plain.keys() == cached.keys()
+        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
+            assert float(cached[key]) == pytest.approx(float(plain[key]), rel=2e-2, abs=2e-3), key
+    assert float(logs[True][1]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
