@@ -525,3 +525,23 @@ def test_manifest_site_from_node_config(tmp_path):
     assert dict(site.overrides)["data.splits_file"] == str(tmp_path / "site1_splits.json")
     with pytest.raises(ValueError, match="2 sites but 3 partitions"):
         site_from_node_config({"partition-id": 0, "num-partitions": 3}, cfg, fed)
+
+
+@pytest.mark.parametrize(
+    "toml, sites, labeled",
+    [("acdc3x1.toml", 3, 1), ("busi3x10.toml", 3, 10), ("chaos3x1.toml", 3, 1)],
+)
+def test_ready_configs_name_existing_site_splits(toml, sites, labeled):
+    # The ready configs of simulations/: every partition is a site with its own splits file and the
+    # labeled budget per site the config's comment promises (index only: no pixel data read).
+    from simulations.compare import load_run_config
+
+    cfg, fed = parse_run_config(load_run_config(REPO / "simulations" / toml, [], None))
+    names = set()
+    for pid in range(sites):
+        site = site_from_node_config({"partition-id": pid, "num-partitions": sites}, cfg, fed)
+        splits = json.loads(Path(dict(site.overrides)["data.splits_file"]).read_text())
+        assert len(splits["patients"]["labeled"]) == labeled and splits["patients"]["test"] == []
+        names.add(site.name)
+    manifest = json.loads(Path(fed.partition_manifest).read_text())
+    assert manifest["labeled_per_site"] == labeled and len(names) == sites
