@@ -1,4 +1,5 @@
-"""EmbeddingStore: one encoding per (encoder weights, images); reused across instances (processes)."""
+"""EmbeddingStore: one encoding per (encoder weights, slice); reused across instances (processes)
+and across groupings of the same slices."""
 
 from __future__ import annotations
 
@@ -21,36 +22,57 @@ class CountingEncoder(torch.nn.Module):
         return torch.stack([m, -m], 1)[..., None, None].half()
 
 
+def images_with_means(*means: float) -> torch.Tensor:
+    return torch.stack([torch.full((1, 4, 4), m) for m in means])
+
+
 def test_second_store_loads_instead_of_encoding(tmp_path):
     # Prepare: images with means 0.25 and 0.75 -> embeddings (0.5, -0.5) and (1.5, -1.5) at w = 2
-    images = torch.stack([torch.full((1, 4, 4), 0.25), torch.full((1, 4, 4), 0.75)])
+    images = images_with_means(0.25, 0.75)
     first, second = CountingEncoder(), CountingEncoder()
 
     # Execute
     a = EmbeddingStore(tmp_path, first).get_or_compute(images, first)
     b = EmbeddingStore(tmp_path, second).get_or_compute(images, second)
 
-    # Assert
+    # Assert: one file per slice, holding that slice only
     assert first.seen == 2 and second.seen == 0
     assert b.dtype == torch.float16 and b[:, :, 0, 0].tolist() == [[0.5, -0.5], [1.5, -1.5]]
     assert torch.equal(a, b)
-    assert len(list(tmp_path.glob("*.pt"))) == 1 and not list(tmp_path.glob("*.tmp"))
+    files = sorted(tmp_path.glob("*.pt"))
+    assert len(files) == 2 and not list(tmp_path.glob("*.tmp"))
+    assert all(torch.load(f, weights_only=True).shape == (2, 1, 1) for f in files)
+
+
+def test_another_grouping_encodes_only_new_slices(tmp_path):
+    # Prepare: two sites' slices cached; then their pooled set plus one new slice, in another order
+    enc = CountingEncoder()
+    store = EmbeddingStore(tmp_path, enc)
+    store.get_or_compute(images_with_means(0.25), enc)
+    store.get_or_compute(images_with_means(0.5), enc)
+
+    # Execute
+    pooled = store.get_or_compute(images_with_means(0.5, 1.0, 0.25), enc)
+
+    # Assert: only the 1.0 slice was encoded; rows follow the requested order
+    assert enc.seen == 3
+    assert pooled[:, 0, 0, 0].tolist() == [1.0, 2.0, 0.5]
 
 
 def test_key_depends_on_images_and_encoder_weights(tmp_path):
-    images = torch.zeros(2, 1, 4, 4)
+    image = torch.zeros(1, 4, 4)
     store = EmbeddingStore(tmp_path, CountingEncoder(2.0))
-    assert store.key(images) == EmbeddingStore(tmp_path, CountingEncoder(2.0)).key(images.clone())
-    assert store.key(images) != store.key(images + 1e-3)
-    assert store.key(images) != EmbeddingStore(tmp_path, CountingEncoder(3.0)).key(images)
+    assert store.key(image) == EmbeddingStore(tmp_path, CountingEncoder(2.0)).key(image.clone())
+    assert store.key(image) != store.key(image + 1e-3)
+    assert store.key(image) != EmbeddingStore(tmp_path, CountingEncoder(3.0)).key(image)
 
 
 def test_unreadable_file_is_recomputed_and_replaced(tmp_path):
-    # Prepare: a truncated file where the embeddings should be
-    images = torch.full((1, 1, 4, 4), 0.5)
+    # Prepare: a truncated file where the slice's embedding should be
+    images = images_with_means(0.5)
     enc = CountingEncoder()
     store = EmbeddingStore(tmp_path, enc)
-    path = tmp_path / f"{store.key(images)}.pt"
+    path = tmp_path / f"{store.key(images[0])}.pt"
     path.write_bytes(b"not a tensor")
 
     # Execute
@@ -58,4 +80,4 @@ def test_unreadable_file_is_recomputed_and_replaced(tmp_path):
 
     # Assert
     assert enc.seen == 1 and emb[0, :, 0, 0].tolist() == [1.0, -1.0]
-    assert torch.equal(torch.load(path, weights_only=True), emb)
+    assert torch.equal(torch.load(path, weights_only=True), emb[0])

@@ -74,5 +74,6 @@ def test_flwr_run_local_simulation(tmp_path):
     assert [r["round"] for r in results["rounds"]] == [1, 2]
     assert (home / "config.toml").is_file()
     assert "train-loss_sam_x" in log  # SAM-Match ran (the default method), with SAM's own loss
-    assert len(list((tmp_path / "emb").glob("*.pt"))) == 4  # labeled + unlabeled set of each hospital
+    # one embedding file per slice: 6 labeled (one phantom patient) + 2 unlabeled, per hospital
+    assert len(list((tmp_path / "emb").glob("*.pt"))) == 2 * (6 + 2)
     assert not leftovers, f"processes left running: {leftovers}"
