@@ -51,9 +51,13 @@ class RehearsalConfig:
     threads: int = 1  # torch threads per ClientApp
     restart_delay: float = 3.0  # SuperNodes run under `deploy supernode --restart-delay`
     aggregation: str = "mean"
+    # The deployment's plumbing, not the method, is rehearsed: UniMatch, whatever the app's default
+    # (SAM-Match costs seconds per step and per encoded slice in every fresh ClientApp process here).
+    method: str = "unimatch"
 
     def run_config(self) -> dict[str, object]:
         return {
+            "method.name": self.method,
             "num-server-rounds": self.rounds,
             "local-iterations": self.local_iterations,
             "min-available-nodes": self.sites,
