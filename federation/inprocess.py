@@ -9,7 +9,8 @@ test can inspect exactly what left each site.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -72,6 +73,18 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+@contextmanager
+def server_task_identity() -> Iterator[None]:
+    """Messages take their run / source ids from the process's task identity, which Flower's runtime
+    sets; outside it (in process, tests) act as run 1, node 0, and restore the previous ids after."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 def run_inprocess(
     server_app: ServerApp,
     client_app: ClientApp,
@@ -83,11 +96,6 @@ def run_inprocess(
     server_context = Context(
         run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
     )
-    # Messages take their run / source ids from the process's task identity (set by Flower's runtime).
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    try:
+    with server_task_identity():
         server_app(grid, server_context)
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return grid

@@ -212,3 +212,12 @@ def synth() -> SimpleNamespace:
         busi_image=busi_image,
         train_names=list(TINY_TRAIN),
     )
+
+
+@pytest.fixture
+def task_identity():
+    """Strategy code outside Flower's runtime: messages as run 1 from node 0 (restored after)."""
+    from federation.inprocess import server_task_identity
+
+    with server_task_identity():
+        yield

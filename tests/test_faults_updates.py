@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from federation.aggregate import aggregate_states
@@ -30,14 +29,6 @@ TINY = {
     "num-server-rounds": 2,
     "local-iterations": 2,
 }
-
-
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 class FakeGrid:

@@ -12,7 +12,6 @@ import tomllib
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.config import flatten_dict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.client_app import app as client_app
 from federation.aggregate import aggregate_states, site_weights
@@ -152,14 +151,6 @@ def test_record_round_trip_keeps_dtypes_and_fp16_halves_floats():
 
 
 # ---- aggregation ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 def reply(node: int, arrays: dict[str, np.ndarray], labeled: int, unlabeled: int) -> Message:
