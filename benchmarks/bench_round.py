@@ -84,7 +84,6 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
-from flwr.supercore.task_identity import TaskIdentity
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
@@ -95,6 +94,7 @@ from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from federation.aggregate import aggregate_states  # noqa: E402
 from federation.config import parse_run_config  # noqa: E402
+from federation.inprocess import server_task_identity  # noqa: E402
 from federation.local import clear_sessions, initial_state  # noqa: E402
 from federation.packing import is_packed, pack_record, unpack_record  # noqa: E402
 from federation.state import from_record, record_nbytes, shareable_keys, to_record  # noqa: E402
@@ -195,17 +195,6 @@ def record_sizes(record: ArrayRecord) -> dict[str, int]:
     }
 
 
-@contextlib.contextmanager
-def task_identity() -> Iterator[None]:
-    """Flower Messages take their run id from the process's task identity (set by Flower's runtime)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def deflate(msg: Message) -> dict[str, bytes]:
     """The message as Flower pushes it: every nested object (deduplicated by id), deflated."""
     objects = get_all_nested_objects(msg)
@@ -274,7 +263,7 @@ def payload_row(state: dict, keys: list[str], transport: str, pack: bool, sites:
 
 def bench_payloads(methods: list[str], base_channels: int, sites: int, repeat: int, log) -> list[dict]:
     rows = []
-    with task_identity():
+    with server_task_identity():
         for method in methods:
             state, keys = method_state(method, base_channels)
             for transport in ("fp32", "fp16"):
