@@ -255,7 +255,10 @@ class PassCounter:
         self.encoder = self.decoder = 0
         self._hooks = [
             sam.image_encoder.register_forward_hook(lambda *a: self._add("encoder")),
-            sam.mask_decoder.transformer.register_forward_hook(lambda *a: self._add("decoder")),
+            # Called once per decode by both the folded and the straightforward path.
+            sam.mask_decoder.output_hypernetworks_mlps[0].register_forward_hook(
+                lambda *a: self._add("decoder")
+            ),
         ]
 
     def _add(self, name):
@@ -408,10 +411,12 @@ def bench_device(
             if amp != "fp32":
                 continue  # the reference's cost structure is timed once, in fp32
             method.__class__ = ReferenceSamMatch
+            method.guide.sam.folded = False  # segment_anything's decoder as written
             try:
                 record("reference", b, amp, time_steps(trainer, steps, warmup))
             finally:
                 method.__class__ = SamMatch
+                method.guide.sam.folded = True
         del trainer, method
         _free(device)
 

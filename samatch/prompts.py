@@ -155,7 +155,8 @@ def largest_component(
     Labels therefore stay inside their component, and after enough iterations each component carries
     one label (the largest flat index in it, + 1). Pixels per label are then counted with scatter_add.
 
-    Iterations are a fixed count because checking convergence would need a host sync. The default
+    On a GPU the iterations are a fixed count because checking convergence would need a host sync;
+    on the CPU the loop stops once an iteration changes nothing (the same result). The default
     H + W is enough for plain propagation along any path no longer than H + W pixels, which covers
     convex and ordinary organ shapes; pointer jumping makes typical shapes converge far sooner. A long
     winding component that has not converged is seen as several pieces, and only the largest piece is
@@ -192,12 +193,18 @@ def _largest_component(
     ids = torch.arange(1, hw + 1, device=masks.device, dtype=dtype).view(1, 1, h, w)
     fgf = fg.to(dtype)
     labels = ids * fgf  # (N, 1, H, W); 0 = background
+    # On the CPU, stop at the fixed point (what the remaining iterations would return anyway); on a
+    # GPU that test would stall the step on a host sync, so the fixed count runs there.
+    stop_early = masks.device.type == "cpu"
     for _ in range(max_iters):
+        previous = labels
         labels = _propagate(labels, connectivity) * fgf
         flat = labels.view(n, hw)
         # Background holds 0 -> index -1 is clamped to 0 and then masked out by fgf again.
         jumped = flat.gather(1, (flat.long() - 1).clamp_min(0))
         labels = torch.maximum(flat, jumped).view(n, 1, h, w) * fgf
+        if stop_early and torch.equal(labels, previous):
+            break
     flat = labels.view(n, hw).long()  # (N, HW)
     counts = torch.zeros(n, hw + 1, device=masks.device, dtype=torch.long)
     counts.scatter_add_(1, flat, torch.ones_like(flat))

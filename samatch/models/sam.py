@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from samatch.models.folded_decoder import foldable, folded_two_way, upscale_and_read
 from samatch.models.sam_import import litemedsam_checkpoint_path, sam_modeling
 from samatch.models.tiny_vit import TinyViT
 
@@ -104,6 +105,9 @@ class SamGuide(nn.Module):
         super().__init__()
         m = sam_modeling()
         self.input_size = backbone.input_size
+        # Decode through samatch.models.folded_decoder (same logits, less work); False: segment_anything's
+        # transformer as written, the straightforward path kept for tests and the reference benchmark.
+        self.folded = True
         self._normalise = backbone.normalise
         self.image_encoder = backbone.build_encoder()
         self.prompt_encoder = m.PromptEncoder(
@@ -161,7 +165,11 @@ class SamGuide(nn.Module):
         flat_masks = mask_inputs.reshape(b * k, 1, MASK_GRID, MASK_GRID) if mask_inputs is not None else None
         sparse, dense = self.prompt_encoder(points=flat_points, boxes=flat_boxes, masks=flat_masks)
         # sparse (B*K, T, 256), dense (B*K, 256, 64, 64)
-        return self._predict_masks(embeddings, sparse, dense).view(b, k, MASK_GRID, MASK_GRID)
+        if self.folded and foldable(self.mask_decoder):
+            logits = self._predict_masks_folded(embeddings, sparse, dense, shared=mask_inputs is None)
+        else:
+            logits = self._predict_masks(embeddings, sparse, dense)
+        return logits.view(b, k, MASK_GRID, MASK_GRID)
 
     def forward(
         self,
@@ -172,6 +180,27 @@ class SamGuide(nn.Module):
     ) -> torch.Tensor:
         """(B, 1|3, H, W) images and prompts as in `decode` -> logits (B, K, 256, 256)."""
         return self.decode(self.encode(images), boxes, points, mask_inputs)
+
+    def _predict_masks_folded(
+        self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, shared: bool
+    ) -> torch.Tensor:
+        """`_predict_masks` through :func:`folded_two_way`: the same logits (B*K, 256, 256), less work.
+
+        shared: every prompt's dense embedding is the same (no mask inputs), so the K prompts of an
+        image read one copy of its image tokens instead of K.
+        """
+        md = self.mask_decoder
+        b, bk = embeddings.shape[0], sparse.shape[0]
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)  # (1 + 4, 256)
+        tokens = torch.cat([out_tokens.expand(bk, -1, -1), sparse], dim=1)  # (B*K, 5 + T, 256)
+        if shared:
+            src = embeddings + dense[:1]  # (B, 256, 64, 64)
+        else:
+            src = (embeddings.unsqueeze(1) + dense.reshape(b, bk // b, *dense.shape[1:])).flatten(0, 1)
+        image = src.flatten(2).transpose(1, 2)  # (B or B*K, 64*64, 256)
+        pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 64*64, 256)
+        mask_token, keys = folded_two_way(md.transformer, image, pe, tokens)  # (B*K, 256), (B*K, 4096, 256)
+        return upscale_and_read(md, keys, mask_token, EMBED_GRID)
 
     def _predict_masks(
         self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor
