@@ -17,7 +17,9 @@ few slices per set (batches are drawn with replacement). Reports the median ms p
 after warm-up steps (``torch.cuda.synchronize`` around each step on CUDA), peak device memory
 (``torch.cuda.max_memory_allocated``, reset per case), the peak host RSS rise during a case
 (``/proc/self/statm`` sampled every 5 ms after ``malloc_trim``; ``ru_maxrss`` where /proc is
-missing), and the ratios joint / UniMatch and reference / joint. Asserts nothing about time.
+missing), and the ratios joint / UniMatch and reference / joint. Per case also the FLOPs and bytes
+of one more step and its roofline floor over the device's measured rates (``benchmarks/step_cost.py``).
+Asserts nothing about time.
 
     python benchmarks/bench_step.py [--device auto|cpu|cuda] [--batch 4,12] [--size 256]
         [--steps N] [--warmup N] [--quick] [--out runs/bench_step.json]
@@ -40,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.step_cost import device_rates, floor_ms, step_cost
 from samatch.config import TrainConfig, apply_overrides
 from samatch.data import SliceSet, TrainData, build_train_data
 from samatch.engine import Trainer
@@ -333,7 +336,9 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
             times.append((time.perf_counter() - t0) * 1e3)
     if counter is not None:
         counter.remove()
+    cost = step_cost(trainer)  # one more step, under FLOP and byte counters
     return {
+        **cost,
         "ms_median": statistics.median(times),
         "ms_all": [round(t, 3) for t in times],
         "peak_device_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
@@ -577,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
             profile=args.profile,
             sam_checkpoint=args.sam_checkpoint,
         )
+        rates = result.setdefault("device_rates", {})[dev] = device_rates(dev)
+        for r in rows:
+            r["floor_ms"] = floor_ms(r, rates, r["amp"])
         result["results"] += rows
         if prof is not None:
             result.setdefault("profile", {})[dev] = prof
@@ -594,15 +602,16 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(result: dict) -> str:
     hdr = (
         "| device | batch | precision | mode | ms / step | peak device MiB | peak RSS rise MiB "
-        "| SAM enc / dec passes |"
+        "| SAM enc / dec passes | GFLOP | GB touched | floor ms |"
     )
-    lines = [hdr, "|---|---|---|---|---|---|---|---|"]
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
             f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
-            f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} |"
+            f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
+            f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} |"
         )
     lines += [
         "",

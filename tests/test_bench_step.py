@@ -58,6 +58,35 @@ def test_quick_run_writes_three_modes_and_their_ratios(tmp_path):
         rows["reference"]["ms_median"] / rows["joint"]["ms_median"]
     )
     assert result["hardware"]["torch"] == torch.__version__ and result["hardware"]["cpu"]
+    # Costs and floors: four encoder passes make the reference the largest step.
+    rates = result["device_rates"]["cpu"]
+    assert rates["matmul_fp32_gflops"] > 0 and rates["copy_gbps"] > 0
+    assert 0 < rows["unimatch"]["gflop"] < rows["joint"]["gflop"] < rows["reference"]["gflop"]
+    for r in rows.values():
+        assert r["floor_ms"] == pytest.approx(
+            1e3 * max(r["gflop"] / rates["matmul_fp32_gflops"], r["gbytes"] / rates["copy_gbps"])
+        )
+
+
+def test_step_cost_counts_a_matmul_by_hand():
+    from benchmarks.step_cost import BytesTouched, floor_ms, step_cost
+
+    class OneMatmul:  # a "trainer" whose step is one (64 x 32) @ (32 x 16) product
+        a, b = torch.ones(64, 32), torch.ones(32, 16)
+
+        def step(self):
+            return self.a @ self.b
+
+    cost = step_cost(OneMatmul())
+    assert cost["gflop"] * 1e9 == 2 * 64 * 32 * 16
+    assert cost["gbytes"] * 1e9 == (64 * 32 + 32 * 16 + 64 * 16) * 4  # read a, b; write the product
+    x = torch.ones(1000)
+    with BytesTouched() as touched:
+        y = x + x  # reads 2 x 4000 B, writes 4000 B
+        y.view(10, 100)  # a view moves nothing
+    assert touched.bytes == 12000
+    # 10 GFLOP at 100 GFLOP/s = 100 ms; 2 GB at 10 GB/s = 200 ms: the bytes bound.
+    assert floor_ms({"gflop": 10, "gbytes": 2}, {"matmul_fp32_gflops": 100, "copy_gbps": 10}) == 200
 
 
 def random_masks(gen: torch.Generator, shape=(3, 4, 24, 20), p=0.05) -> torch.Tensor:

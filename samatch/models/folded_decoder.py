@@ -63,9 +63,9 @@ def tokens_to_image(
     bk, t = q.shape[:2]
     wk, _ = affine_parts(attn.k_proj, d, q)  # its bias adds a constant per query: cancels in the softmax
     wv, bv = affine_parts(attn.v_proj, d, q)
-    qh = attn.q_proj(q).reshape(g, bk // g * t, h, c)  # the K prompts of one image side by side
+    qh = attn.q_proj(q).reshape(g, bk // g * t, h, c) / math.sqrt(c)  # the K prompts of an image side by side
     qk = torch.einsum("gthc,hcd->gthd", qh, wk.view(h, c, d)).reshape(g, -1, d)  # (G, KT*H, D)
-    a = (qk @ k_img.transpose(1, 2) / math.sqrt(c)).softmax(-1)  # (G, KT*H, N)
+    a = (qk @ k_img.transpose(1, 2)).softmax(-1)  # (G, KT*H, N)
     mixed = (a @ v_img).view(g, -1, h, d)  # (G, KT, H, D): attention-weighted image tokens per head
     out = torch.einsum("gthd,hcd->gthc", mixed, wv.view(h, c, d)) + bv.view(h, c)
     return attn.out_proj(out.reshape(bk, t, d_in))
@@ -84,15 +84,18 @@ def image_to_tokens(attn: nn.Module, q_img: torch.Tensor, k: torch.Tensor, v: to
     kk = bk // g
     wq, bq = affine_parts(attn.q_proj, d, k)
     wo, bo = affine_parts(attn.out_proj, d_in, k)
-    kh = attn.k_proj(k).reshape(g, kk, t, h, c)
+    kh = attn.k_proj(k).reshape(g, kk, t, h, c) / math.sqrt(c)
     vh = attn.v_proj(v).reshape(g, kk, t, h, c)
-    kq = torch.einsum("gkthc,hcd->gkhtd", kh, wq.view(h, c, d))  # q_proj folded onto the keys
-    const = torch.einsum("gkthc,hc->gkht", kh, bq.view(h, c))  # b_q . k: varies over t, kept
-    scores = q_img @ kq.reshape(g, -1, d).transpose(1, 2)  # (G, N, K*H*T)
-    scores = (scores.view(g, n, kk, h, t) + const[:, None]) / math.sqrt(c)
-    a = scores.softmax(-1).transpose(1, 2).reshape(g, kk, n, h * t)  # (G, K, N, H*T)
+    kq = torch.einsum("gkthc,hcd->gkhtd", kh, wq.view(h, c, d)).reshape(
+        g, -1, d
+    )  # q_proj folded: (G, KHT, D)
+    const = torch.einsum("gkthc,hc->gkht", kh, bq.view(h, c)).reshape(
+        g, -1, 1
+    )  # b_q . k: varies over t, kept
+    # Scores with the image tokens last, so the softmax over the T tokens runs along contiguous rows.
+    a = torch.baddbmm(const, kq, q_img.transpose(1, 2)).view(g, kk, h, t, n).softmax(3)
     u = torch.einsum("gkthc,dhc->gkhtd", vh, wo.view(d, h, c)).reshape(g, kk, h * t, d)  # out_proj folded
-    return (a @ u + bo).reshape(bk, n, d)
+    return (a.view(g, kk, h * t, n).transpose(2, 3) @ u + bo).reshape(bk, n, d)
 
 
 def per_prompt(keys: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
