@@ -272,6 +272,36 @@ class PassCounter:
             h.remove()
 
 
+class SampleTimer:
+    """Time spent drawing batches (``SliceSet.sample``, synchronised on CUDA) while the block runs."""
+
+    def __init__(self, trainer: Trainer):
+        self.sets = [s for s in (trainer.data.labeled, trainer.data.unlabeled) if s is not None]
+        self.cuda = trainer.device.type == "cuda"
+        self.seconds = 0.0
+
+    def _timed(self, sample):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = sample(*args, **kwargs)
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        return run
+
+    def __enter__(self):
+        for s in self.sets:
+            s.sample = self._timed(s.sample)  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc):
+        for s in self.sets:
+            del s.sample
+        return False
+
+
 def make_config(
     method: str,
     size: int,
@@ -325,7 +355,8 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     counter = PassCounter(guide.sam) if guide is not None else None
     times = []
-    with RssPeak() as rss:
+    sampling = SampleTimer(trainer)
+    with RssPeak() as rss, sampling:
         for _ in range(steps):
             if cuda:
                 torch.cuda.synchronize(dev)
@@ -340,6 +371,8 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
     return {
         **cost,
         "ms_median": statistics.median(times),
+        # Batches come from slices held in memory (a gather and a copy to the device): per step.
+        "sample_ms_per_step": sampling.seconds * 1e3 / steps,
         "ms_all": [round(t, 3) for t in times],
         "peak_device_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         "peak_rss_delta_mib": round(rss.delta_mib, 1),
@@ -602,16 +635,17 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(result: dict) -> str:
     hdr = (
         "| device | batch | precision | mode | ms / step | peak device MiB | peak RSS rise MiB "
-        "| SAM enc / dec passes | GFLOP | GB touched | floor ms |"
+        "| SAM enc / dec passes | GFLOP | GB touched | floor ms | batch sampling ms |"
     )
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
             f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
-            f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} |"
+            f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} | "
+            f"{r['sample_ms_per_step']:.2f} |"
         )
     lines += [
         "",

@@ -5,7 +5,7 @@ and, with a state folder, on the site's disk: :mod:`federation.site_state`, so a
 train ``local-iterations`` steps of the global schedule, reply with exactly the shareable tensors
 (:func:`federation.state.shareable_keys`) and a MetricRecord (mean losses, ``num-examples`` = labeled
 slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model
-(and ``evaluate-seconds``).
+(and ``evaluate-seconds``), by the U-Net alone when this process has not trained the site (no SAM built).
 
 A site whose data cannot be read (missing folder, corrupt file, bad label map: ``DataError`` /
 ``OSError``) replies with an error message naming the site, the file and the problem instead of
@@ -40,11 +40,11 @@ class SiteDataError(RuntimeError):
     """The site's data could not be loaded; ``str(err)`` names the site, the path and the problem."""
 
 
-def _session(context: Context):
+def _session(context: Context, evaluate_only: bool = False):
     cfg, fed = parse_run_config(dict(context.run_config))
     site = site_from_node_config(dict(context.node_config), cfg, fed)
     try:
-        return get_session(site, cfg), fed
+        return get_session(site, cfg, evaluate_only), fed
     except SITE_ERRORS as exc:
         raise SiteDataError(f"site {site.name}: cannot load its data: {exc}") from exc
 
@@ -104,7 +104,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     try:
-        session, fed = _session(context)
+        session, fed = _session(context, evaluate_only=True)
     except SiteDataError as exc:
         return _error_reply(msg, exc)
     arrays = from_record(unpack_record(msg.content["arrays"])) if "arrays" in msg.content else {}

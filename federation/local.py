@@ -9,6 +9,7 @@ repeats an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Mapping
@@ -52,6 +53,9 @@ class SiteSession:
     cfg: TrainConfig
     trainer: Trainer
     initial: dict[str, torch.Tensor] = field(repr=False)
+    # The U-Net alone (method "supervised"): built to answer an evaluate message in a process that
+    # has not trained this site, e.g. a deployment's fresh process per message. No SAM, no cache.
+    evaluate_only: bool = False
 
     @property
     def num_labeled(self) -> int:
@@ -63,22 +67,40 @@ class SiteSession:
         return len(unl) if unl is not None and self.trainer.method.uses_unlabeled else 0
 
 
-def get_session(site: Site, cfg: TrainConfig) -> SiteSession:
-    """Data + trainer of ``site``, built once per process (keyed by site and settings)."""
+def get_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> SiteSession:
+    """Data + trainer of ``site``, built once per process (keyed by site and settings).
+
+    ``evaluate_only``: a session this process already built for training serves; otherwise one with
+    the U-Net alone (:attr:`SiteSession.evaluate_only`), which for SAM-Match skips building SAM,
+    importing peft and embedding the training slices.
+    """
     site_cfg = site.apply(cfg)
     key = json.dumps([site.name, site_cfg.to_dict()], sort_keys=True, default=str)
-    if key not in _SESSIONS:
-        data = build_train_data(site_cfg)  # sets model.num_classes when it is 0
-        trainer = Trainer(site_cfg, data)
-        initial = {k: v.detach().clone() for k, v in trainer.method.checkpoint_state().items()}
-        _SESSIONS[key] = SiteSession(site, site_cfg, trainer, initial)
-    return _SESSIONS[key]
+    if key in _SESSIONS or not evaluate_only:
+        if key not in _SESSIONS:
+            _SESSIONS[key] = _build_session(site, site_cfg)
+        return _SESSIONS[key]
+    eval_cfg = copy.deepcopy(site_cfg)
+    eval_cfg.method.name = "supervised"  # the same U-Net (model and method.feature_dropout settings)
+    eval_key = "evaluate-only " + key
+    if eval_key not in _SESSIONS:
+        _SESSIONS[eval_key] = _build_session(site, eval_cfg, evaluate_only=True)
+    return _SESSIONS[eval_key]
+
+
+def _build_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> SiteSession:
+    data = build_train_data(cfg)  # sets model.num_classes when it is 0
+    trainer = Trainer(cfg, data)
+    initial = {k: v.detach().clone() for k, v in trainer.method.checkpoint_state().items()}
+    return SiteSession(site, cfg, trainer, initial, evaluate_only)
 
 
 def load_state(session: SiteSession, *parts: Mapping[str, torch.Tensor]) -> None:
     """initial state <- each part in order (global, then site-local), loaded strictly."""
     state = dict(session.initial)
     for part in parts:
+        if session.evaluate_only:  # the U-Net's tensors only: SAM's adapters are not needed here
+            part = {k: v for k, v in part.items() if k.startswith("model.")}
         unknown = set(part) - set(state)
         if unknown:
             raise KeyError(f"state has keys the model does not: {sorted(unknown)[:5]}")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from samatch.config import TrainConfig
 from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
+from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
 from samatch.models.unet import build_unet
 
@@ -53,6 +54,8 @@ class Trainer:
         self.cfg = cfg
         self.data = data
         self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu" and cfg.schedule.keep_host_memory:
+            keep_freed_host_memory()  # process-wide; 1.5-2x faster CPU steps here (samatch.hostmem)
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)

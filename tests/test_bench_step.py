@@ -46,6 +46,7 @@ def test_quick_run_writes_three_modes_and_their_ratios(tmp_path):
         assert r["device"] == "cpu" and r["batch"] == 1
         assert math.isfinite(r["ms_median"]) and r["ms_median"] > 0
         assert r["peak_device_mib"] is None
+        assert 0 < r["sample_ms_per_step"] < r["ms_median"]
     # The cost structure: cached embeddings in the joint step, four encoder passes in the reference.
     assert rows["joint"]["encoder_passes_per_step"] == 0 and rows["joint"]["decoder_passes_per_step"] == 2
     assert rows["reference"]["encoder_passes_per_step"] == 4

@@ -399,6 +399,38 @@ def test_fedbn_resume_in_a_new_run_keeps_the_sites_batchnorm(tmp_path):
     assert any(not torch.equal(full[k], lost[k]) for k in full if full[k].is_floating_point())
 
 
+def test_evaluate_without_a_trained_session_builds_the_unet_alone():
+    # Prepare: SAM-Match settings and a trained-like global state (every float tensor moved,
+    # LoRA included), as an evaluate message to a fresh deployment process would carry.
+    from federation.local import evaluate_round, get_session, initial_state
+
+    cfg, fed = parse_run_config(
+        {**TINY, "method.name": "samatch", "sam.cache_embeddings": False, "sam.lora_rank": 2}
+    )
+    site = site_from_node_config(phantom_nodes(2)[0], cfg, fed)
+    init, _ = initial_state(cfg)
+    gen = torch.Generator().manual_seed(3)
+    global_state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+        for k, v in init.items()
+    }
+    assert any(k.startswith("sam_lora.") for k in global_state)
+    clear_sessions()
+    try:
+        # Execute: evaluate first (no SAM), then train's full session, then evaluate again.
+        light = get_session(site, cfg, evaluate_only=True)
+        dice_light = evaluate_round(light, global_state, {})
+        full = get_session(site, cfg)
+        # Assert: the U-Net alone answered first, with the Dice the full session gives.
+        assert light.evaluate_only and not hasattr(light.trainer.method, "guide")
+        assert not full.evaluate_only and hasattr(full.trainer.method, "guide")
+        assert get_session(site, cfg, evaluate_only=True) is full  # a trained session serves
+        assert evaluate_round(full, global_state, {}) == dice_light
+        assert 0 <= dice_light["dice_mean"] <= 1
+    finally:
+        clear_sessions()
+
+
 @pytest.mark.slow
 def test_samatch_round_sends_match_and_lora_b_only(tmp_path):
     # Prepare: SAM-Match with FFA-LoRA, one step on one round (LiteMedSAM on CPU is slow).
