@@ -311,6 +311,7 @@ def make_config(
     channels_last: bool = False,
     encoder_trainable: bool = False,
     sam_checkpoint: str = "",
+    keep_host_memory: bool = False,
 ) -> TrainConfig:
     return apply_overrides(
         TrainConfig(),
@@ -329,6 +330,7 @@ def make_config(
             "schedule.iterations": 100_000,
             "schedule.amp": amp,
             "schedule.channels_last": channels_last,
+            "schedule.keep_host_memory": keep_host_memory,
             "device": device,
         },
     )
@@ -408,6 +410,7 @@ def bench_device(
     encoder_trainable: bool = False,
     profile: bool = False,
     sam_checkpoint: str = "",
+    keep_host_memory: bool = False,
 ) -> tuple[list, dict | None]:
     """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
     rows, prof = [], None
@@ -420,7 +423,15 @@ def bench_device(
 
         def conf(method: str, encoder_trainable: bool = False, amp: str = amp) -> TrainConfig:
             return make_config(
-                method, size, batches[0], device, amp, channels_last, encoder_trainable, sam_checkpoint
+                method,
+                size,
+                batches[0],
+                device,
+                amp,
+                channels_last,
+                encoder_trainable,
+                sam_checkpoint,
+                keep_host_memory,
             )
 
         # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
@@ -546,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="network input size (default 256)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5 on CPU, 20 on CUDA)")
     parser.add_argument(
-        "--warmup", type=int, default=None, help="untimed steps first (default 1 CPU, 5 CUDA)"
+        "--warmup", type=int, default=None, help="untimed steps first (default 2 CPU, 5 CUDA)"
     )
     parser.add_argument("--pool", type=int, default=4, help="slices per labeled / unlabeled set")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -563,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--sam-checkpoint", default="", help="LiteMedSAM weights (default: the packaged file)"
+    )
+    parser.add_argument(
+        "--keep-host-memory",
+        action="store_true",
+        help="schedule.keep_host_memory: the CPU heap keeps freed memory (samatch.hostmem)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = parser.parse_args(argv)
@@ -597,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = round(os.getloadavg()[0], 2)
     for dev in devices:
         steps = args.steps or (20 if dev == "cuda" else 5)
-        warmup = args.warmup if args.warmup is not None else (5 if dev == "cuda" else 1)
+        warmup = args.warmup if args.warmup is not None else (5 if dev == "cuda" else 2)
         pool = max(1, min(args.pool, max(batches)))
         result["settings"][dev] = {"steps": steps, "warmup": warmup, "pool": pool}
         print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed steps", flush=True)
@@ -614,6 +630,7 @@ def main(argv: list[str] | None = None) -> int:
             encoder_trainable=args.encoder_trainable,
             profile=args.profile,
             sam_checkpoint=args.sam_checkpoint,
+            keep_host_memory=args.keep_host_memory,
         )
         rates = result.setdefault("device_rates", {})[dev] = device_rates(dev)
         for r in rows:

@@ -134,7 +134,7 @@ class ScheduleConfig:
     minutes: float = 0.0  # >0: fit the run into this wall time (iterations set from a timed probe)
     amp: str = "fp32"  # fp32 | bf16 (autocast of the training forward passes; losses stay fp32)
     channels_last: bool = False  # U-Net weights and inputs in channels-last memory format
-    keep_host_memory: bool = True  # CPU: reuse freed memory instead of re-mapping it (samatch.hostmem)
+    keep_host_memory: bool = False  # CPU: reuse freed memory, never give it back (samatch.hostmem)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:

@@ -55,7 +55,7 @@ class Trainer:
         self.data = data
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu" and cfg.schedule.keep_host_memory:
-            keep_freed_host_memory()  # process-wide; 1.5-2x faster CPU steps here (samatch.hostmem)
+            keep_freed_host_memory()  # process-wide (samatch.hostmem)
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)

@@ -7,7 +7,10 @@ this project's 2-core CPU machine, system time took most of a batch-12 step, and
 made a UniMatch step at batch 12 2.1x faster (docs/performance.md). With ``M_MMAP_MAX = 0`` big blocks
 come from the heap, and with an unlimited ``M_TRIM_THRESHOLD`` the heap is never shrunk, so freed
 blocks are reused. The cost: the process keeps its peak memory until it exits (``malloc_trim(0)``
-still returns it on request).
+still returns it on request), and blocks of changing sizes fragment the heap, so it can grow past
+the peak: one benchmark process that ran twelve differently sized cases in a row grew to 24 GB
+and was killed for memory. Hence opt-in (``schedule.keep_host_memory``), for a process that
+repeats one step shape, such as a training run.
 """
 
 from __future__ import annotations
