@@ -42,7 +42,9 @@ def affine_parts(module: nn.Module, d_in: int, like: torch.Tensor) -> tuple[torc
     (differences of bf16 outputs would lose the weights), so module(x) == x @ W.T + b and the
     gradients of trainable tensors inside the module (LoRA A and B) flow through W and b.
     """
-    probe = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).to(device=like.device, dtype=torch.float32)
+    # Made on the device: a copy from host memory would make the host wait for a GPU inside the step.
+    opts = {"device": like.device, "dtype": torch.float32}
+    probe = torch.cat([torch.zeros(1, d_in, **opts), torch.eye(d_in, **opts)])  # the zero row, then I
     with torch.autocast(like.device.type, enabled=False):
         out = module(probe)
     bias = out[0]
