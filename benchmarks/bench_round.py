@@ -18,7 +18,8 @@ Two parts:
   a few local iterations at a small ``data.size``, the same U-Net width, federated evaluation every
   round), per round: wall time, the sites' training (``train-seconds``, the optimizer steps) and
   evaluation on the round's critical path, overhead = wall - training - evaluation, and bytes per
-  site (serialised arrays, down: the train and evaluate instructions; up: the train reply).
+  site (serialised arrays, down: the train and evaluate instructions; up: the train reply; under
+  ``keep-global``, the default, a train instruction that follows an evaluation carries no arrays).
 
   - ``inprocess``: :mod:`federation.inprocess`, sites one after the other (critical path = the sum
     over sites), no serialisation of Messages. Round wall = from the ServerApp's ``configure_train``
@@ -531,6 +532,8 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
             {
                 "round": row["round"],
                 "evaluated": "evaluate" in row,
+                # keep-global: whether any site's train instruction carried the arrays this round
+                "train_arrays_down": row.get("train-instructions", {"with-arrays": 1})["with-arrays"] > 0,
                 "wall_s": wall,
                 "train_s": train,
                 "evaluate_s": evaluate,
@@ -664,16 +667,17 @@ def cold_start(config_json: Path, node_config: dict, threads: int, repeat: int =
 
 def computed_bytes(payload: dict | None, rounds: list[dict]) -> None:
     """Bytes per site of the engines that are not measured: one reply up, one state down per phase
-    (train, and evaluate every round here)."""
+    (evaluate every round here) whose instruction carried arrays (the server's ``train-instructions``
+    count: under keep-global a train instruction after an evaluation carries none)."""
     if payload is None:
         return
     for row in rounds:
-        phases = 1 + row["evaluated"]
+        with_arrays = row["evaluated"] + row["train_arrays_down"]
         row["bytes_per_site"] = {
             "all": {
-                "messages_down": phases,
-                "down_tensor_bytes": phases * payload["tensor_bytes"],
-                "down_payload_bytes": phases * payload["payload_bytes"],
+                "messages_down": 1 + row["evaluated"],
+                "down_tensor_bytes": with_arrays * payload["tensor_bytes"],
+                "down_payload_bytes": with_arrays * payload["payload_bytes"],
                 "up_tensor_bytes": payload["tensor_bytes"],
                 "up_payload_bytes": payload["payload_bytes"],
             }

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.step_cost import device_rates, floor_ms, step_cost
+from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds
 from samatch.config import TrainConfig, apply_overrides
 from samatch.data import SliceSet, TrainData, build_train_data
 from samatch.engine import Trainer
@@ -360,13 +360,7 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
     sampling = SampleTimer(trainer)
     with RssPeak() as rss, sampling:
         for _ in range(steps):
-            if cuda:
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            trainer.step()
-            if cuda:
-                torch.cuda.synchronize(dev)
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append(synced_seconds(trainer.step, dev) * 1e3)
     if counter is not None:
         counter.remove()
     cost = step_cost(trainer)  # one more step, under FLOP and byte counters

@@ -45,18 +45,21 @@ def step_cost(trainer) -> dict:
     return {"gflop": flops.get_total_flops() / 1e9, "gbytes": touched.bytes / 1e9}
 
 
+def synced_seconds(fn, device: torch.device) -> float:
+    """Seconds one ``fn()`` takes on ``device`` (on CUDA bracketed by synchronisation, so queued
+    kernels are neither counted before nor missed after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
 def _best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
     fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(synced_seconds(fn, device) for _ in range(repeats))
 
 
 def device_rates(device: str | torch.device, n: int | None = None) -> dict:

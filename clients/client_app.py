@@ -6,6 +6,8 @@ train ``local-iterations`` steps of the global schedule, reply with exactly the 
 (:func:`federation.state.shareable_keys`) and a MetricRecord (mean losses, ``num-examples`` = labeled
 slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model
 (and ``evaluate-seconds``), by the U-Net alone when this process has not trained the site (no SAM built).
+Under ``keep-global`` the evaluate instruction's arrays are kept in ``context.state`` and the next train
+instruction arrives without arrays (:mod:`federation.kept_global`).
 
 A site whose data cannot be read (missing folder, corrupt file, bad label map: ``DataError`` /
 ``OSError``) replies with an error message naming the site, the file and the problem instead of
@@ -18,11 +20,12 @@ import time
 from logging import WARNING
 
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
+from federation import kept_global
 from federation.config import parse_run_config, site_from_node_config
 from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
@@ -54,6 +57,16 @@ def _local_state(context: Context) -> dict[str, torch.Tensor]:
     return from_record(record) if record is not None else {}
 
 
+def _arrays(msg: Message, context: Context, site: str) -> ArrayRecord:
+    """The instruction's global arrays, or the copy this site kept from its last evaluation."""
+    if "arrays" in msg.content.array_records:
+        return msg.content["arrays"]
+    config = msg.content["config"]
+    if kept_global.USE not in config:
+        raise KeyError("train instruction has neither arrays nor a kept-global digest")
+    return kept_global.take(context, str(config[kept_global.USE]), site)
+
+
 def _error_reply(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(exc)), reply_to=msg)
 
@@ -65,8 +78,12 @@ def train(msg: Message, context: Context) -> Message:
     except SiteDataError as exc:
         return _error_reply(msg, exc)
     server_round = int(msg.content["config"]["server-round"])
+    try:
+        record = _arrays(msg, context, session.site.name)
+    except kept_global.KeptGlobalMissing as exc:
+        return _error_reply(msg, exc)
     task = session.site.task  # cross-task: this site's U-Net travels under task.<name>.
-    global_state = from_wire(from_record(unpack_record(msg.content["arrays"])), task, fed.share_adapters)
+    global_state = from_wire(from_record(unpack_record(record)), task, fed.share_adapters)
     local = _local_state(context)
     folder = site_state_folder(context.node_config, fed.site_state_dir, session.site.name)
     if fed.fedbn and not local and server_round > 1:  # a resumed run: this node's context is new
@@ -107,7 +124,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         session, fed = _session(context, evaluate_only=True)
     except SiteDataError as exc:
         return _error_reply(msg, exc)
-    arrays = from_record(unpack_record(msg.content["arrays"])) if "arrays" in msg.content else {}
+    arrays = msg.content.array_records.get("arrays")
+    if arrays is not None and kept_global.KEEP in msg.content["config"]:  # the next train instruction's
+        kept_global.keep(context, arrays, str(msg.content["config"][kept_global.KEEP]))
+    arrays = from_record(unpack_record(arrays)) if arrays is not None else {}
     global_state = from_wire(arrays, session.site.task, fed.share_adapters)
     t0 = time.perf_counter()
     dice = evaluate_round(session, global_state, _local_state(context))

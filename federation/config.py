@@ -51,8 +51,10 @@ class FederationConfig:
     round_timeout: float = 3600.0  # seconds the server waits for one phase's replies (and for nodes)
     min_train_replies: int = 1  # fewest valid train replies a round needs to be aggregated
     straggler_timeout: float = 0.0  # >0: once min-train-replies replied, wait at most this for the rest
+    reply_poll: float = 0.2  # seconds between the server's looks for replies (Flower's deployment: 3)
     evaluate_every: int = 1  # federated evaluation every N rounds (0: only after the last round)
     pack_arrays: bool = False  # one byte array per message instead of one object per tensor
+    keep_global: bool = True  # sites keep the evaluated global state: the next train message has no arrays
     aggregation: str = "mean"  # mean (weighted) | median | trimmed-mean (coordinate-wise, unweighted)
     trim_fraction: float = 0.25  # trimmed-mean: share of sites cut at each end per coordinate
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
@@ -92,6 +94,8 @@ class FederationConfig:
             raise ValueError(f"min-train-replies must be >= 1, got {self.min_train_replies}")
         if self.evaluate_every < 0 or self.max_update_norm < 0 or self.straggler_timeout < 0:
             raise ValueError("evaluate-every, max-update-norm and straggler-timeout must be >= 0")
+        if self.reply_poll <= 0:
+            raise ValueError(f"reply-poll must be > 0 seconds, got {self.reply_poll}")
 
     @property
     def last_round(self) -> int:

@@ -76,9 +76,10 @@ def get_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> Si
     """
     site_cfg = site.apply(cfg)
     key = json.dumps([site.name, site_cfg.to_dict()], sort_keys=True, default=str)
-    if key in _SESSIONS or not evaluate_only:
-        if key not in _SESSIONS:
-            _SESSIONS[key] = _build_session(site, site_cfg)
+    if key in _SESSIONS:
+        return _SESSIONS[key]
+    if not evaluate_only:
+        _SESSIONS[key] = _build_session(site, site_cfg)
         return _SESSIONS[key]
     eval_cfg = copy.deepcopy(site_cfg)
     eval_cfg.method.name = "supervised"  # the same U-Net (model and method.feature_dropout settings)

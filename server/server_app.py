@@ -113,6 +113,7 @@ def main(grid: Grid, context: Context) -> None:
         node_wait=fed.round_timeout,
         evaluate_round=fed.evaluates,
         key_sets=key_sets,
+        keep_global=fed.keep_global,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,
@@ -160,8 +161,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord(server_metrics) if server_metrics else None
 
-    if fed.straggler_timeout > 0:  # a crashed site must not hold every round for round-timeout
-        grid = QuorumGrid(grid, fed.min_train_replies, fed.straggler_timeout)
+    # Replies are looked for every reply-poll seconds; with straggler-timeout a crashed site does not
+    # hold every round for round-timeout.
+    grace = fed.straggler_timeout if fed.straggler_timeout > 0 else float("inf")
+    grid = QuorumGrid(grid, fed.min_train_replies, grace, fed.reply_poll)
     strategy.start(
         grid=grid,
         initial_arrays=to_record(state, keys, "fp32"),

@@ -16,7 +16,10 @@ does the work:
 * cross-task federation (``key_sets``: one allowed key set per task): a reply must hold exactly one
   task's set, each tensor is aggregated over the sites that sent it, and once a node has replied it is
   sent only its own task's tensors (the first message carries every task's); per-task metrics are
-  kept in ``history`` under ``train-tasks`` / ``evaluate-tasks``.
+  kept in ``history`` under ``train-tasks`` / ``evaluate-tasks``;
+* ``keep_global`` (:mod:`federation.kept_global`): the evaluate instruction names its arrays by
+  digest, and a site whose evaluate reply was accepted gets the next train instruction without
+  arrays (the same state); ``history[r]["train-instructions"]`` counts both kinds.
 
 Aggregated metrics of every round are kept in ``history`` for the server's results.json.
 """
@@ -28,11 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from federation import kept_global
 from federation.aggregate import aggregate_states, lora_average_bias, site_weights
 from federation.packing import pack_record
 from federation.state import task_of_keys, to_record
@@ -54,6 +58,7 @@ class FedSAMatch(FedAvg):
         node_wait: float = 3600.0,
         evaluate_round: Callable[[int], bool] | None = None,
         key_sets: Iterable[frozenset[str]] = (),
+        keep_global: bool = True,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -73,6 +78,9 @@ class FedSAMatch(FedAvg):
         self.key_sets = tuple(frozenset(k) for k in key_sets)
         self.node_keys: dict[int, frozenset[str]] = {}  # cross-task: what each node last sent
         self._outgoing: ArrayRecord | None = None  # this phase's global arrays, before encoding
+        self.keep_global = keep_global
+        self._offered: dict[int, str] = {}  # node -> digest of the arrays its evaluate instruction named
+        self._kept: dict[int, str] = {}  # node -> digest it holds (its evaluate reply was accepted)
 
     # ---- outgoing ----------------------------------------------------------------------------------
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -102,11 +110,19 @@ class FedSAMatch(FedAvg):
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         self._outgoing = arrays
-        return super().configure_train(server_round + self.round_offset, self._encode(arrays), config, grid)
+        r = server_round + self.round_offset
+        messages = list(super().configure_train(r, self._encode(arrays), config, grid))
+        bare = sum(1 for m in messages if self.arrayrecord_key not in m.content.array_records)
+        self.history.setdefault(r, {})["train-instructions"] = {
+            "with-arrays": len(messages) - bare,
+            "kept-global": bare,
+        }
+        return messages
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._offered, self._kept = {}, {}  # a kept copy serves only the train instruction right after
         if self.fraction_evaluate == 0.0 or not self.evaluate_round(server_round + self.round_offset):
             log(INFO, "configure_evaluate: no federated evaluation this round")
             return []
@@ -117,26 +133,30 @@ class FedSAMatch(FedAvg):
         )
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str):
-        """FedAvg's one message per node; in a cross-task federation a node that has replied before
-        gets only its task's tensors (and the shared adapters)."""
-        if not self.key_sets or self._outgoing is None:
+        """FedAvg's one message per node, with two changes: in a cross-task federation a node that has
+        replied before gets only its task's tensors (and the shared adapters); under ``keep_global``
+        an evaluate instruction names its arrays' digest, and a train instruction to a node that holds
+        those arrays carries none."""
+        if self._outgoing is None or not (self.key_sets or self.keep_global):
             return super()._construct_messages(record, node_ids, message_type)
-        by_keys: dict[frozenset[str], RecordDict] = {}
+        config = record[self.configrecord_key]
+        encoded: dict[frozenset[str] | None, tuple[ArrayRecord, str]] = {}  # per key set: arrays, digest
         messages = []
         for node in node_ids:
-            keys = self.node_keys.get(node)
-            content = record
-            if keys is not None:
-                if keys not in by_keys:
-                    subset = ArrayRecord({k: self._outgoing[k] for k in sorted(keys)})
-                    by_keys[keys] = RecordDict(
-                        {
-                            self.arrayrecord_key: self._encode(subset),
-                            self.configrecord_key: record[self.configrecord_key],
-                        }
-                    )
-                content = by_keys[keys]
-            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
+            keys = self.node_keys.get(node) if self.key_sets else None
+            if keys not in encoded:
+                arrays = record[self.arrayrecord_key]
+                if keys is not None:
+                    arrays = self._encode(ArrayRecord({k: self._outgoing[k] for k in sorted(keys)}))
+                encoded[keys] = (arrays, kept_global.record_digest(arrays) if self.keep_global else "")
+            arrays, digest = encoded[keys]
+            content = {self.arrayrecord_key: arrays, self.configrecord_key: config}
+            if digest and message_type == MessageType.EVALUATE:
+                self._offered[node] = digest
+                content[self.configrecord_key] = ConfigRecord({**config, kept_global.KEEP: digest})
+            elif digest and message_type == MessageType.TRAIN and self._kept.get(node) == digest:
+                content = {self.configrecord_key: ConfigRecord({**config, kept_global.USE: digest})}
+            messages.append(Message(content=RecordDict(content), message_type=message_type, dst_node_id=node))
         return messages
 
     # ---- incoming ----------------------------------------------------------------------------------
@@ -256,6 +276,10 @@ class FedSAMatch(FedAvg):
             return None
         accepted, report = self._screen(r, replies, check_evaluate_reply, "evaluate")
         self.history.setdefault(r, {})["evaluate-sites"] = report
+        for msg, _ in accepted:  # these sites now hold the arrays their instruction named
+            node = msg.metadata.src_node_id
+            if node in self._offered:
+                self._kept[node] = self._offered[node]
         if self.key_sets:
             self.history[r]["evaluate-tasks"] = self._per_task(accepted, train=False)
         metrics = self._mean_metrics([m for _, m in accepted], train=False)

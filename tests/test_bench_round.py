@@ -112,12 +112,14 @@ def test_measured_bytes_per_site_equal_the_replies_tensors(quick, transport):
         sites = r["bytes_per_site"]
         assert len(sites) == quick["scale"]["sites"]
         for site in sites.values():
-            # Up: the train reply; down: the train and the evaluate instructions (the global state twice).
+            # Up: the train reply; down: the train and the evaluate instructions, the global state
+            # twice in round 1, once afterwards (keep-global: training uses the evaluated copy).
             assert site["messages_down"] == 2
             assert site["up_tensor_bytes"] == expected["tensor_bytes"]
             assert site["up_int_bytes"] == expected["int_bytes"]
             assert site["up_payload_bytes"] == expected["payload_bytes"]
-            assert site["down_tensor_bytes"] == 2 * expected["tensor_bytes"]
+            down = 2 if r["round"] == 1 else 1
+            assert site["down_tensor_bytes"] == down * expected["tensor_bytes"]
     assert case["summary"]["up_bytes_per_site"] == expected["payload_bytes"]
 
 
@@ -145,7 +147,8 @@ def test_clock_counts_nested_calls_once(monkeypatch):
 
 
 def test_results_rounds_from_a_results_json():
-    # Prepare: two rounds of a parallel engine; round 2 without federated evaluation.
+    # Prepare: three rounds of a parallel engine; round 2 without federated evaluation; round 3's
+    # train instructions without arrays (keep-global after an evaluation).
     results = {
         "rounds": [
             {
@@ -155,6 +158,13 @@ def test_results_rounds_from_a_results_json():
                 "evaluate": {"evaluate-seconds": 1.0},
             },
             {"round": 2, "seconds": 14.0, "train": {"train-seconds": 1.5}},
+            {
+                "round": 3,
+                "seconds": 20.0,
+                "train": {"train-seconds": 1.0},
+                "evaluate": {"evaluate-seconds": 1.0},
+                "train-instructions": {"with-arrays": 0, "kept-global": 2},
+            },
         ]
     }
 
@@ -166,7 +176,10 @@ def test_results_rounds_from_a_results_json():
     assert [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows] == [
         (10.0, 4.0, 2.0, 4.0),
         (4.0, 3.0, 0.0, 1.0),
+        (6.0, 2.0, 2.0, 2.0),
     ]
     assert rows[0]["bytes_per_site"]["all"]["down_payload_bytes"] == 240  # train + evaluate
     assert rows[1]["bytes_per_site"]["all"]["down_payload_bytes"] == 120
-    assert bench.summarize(rows)["overhead_s"] == 1.0  # warm rounds only
+    assert rows[2]["bytes_per_site"]["all"]["down_payload_bytes"] == 120  # evaluate only
+    assert rows[2]["bytes_per_site"]["all"]["messages_down"] == 2
+    assert bench.summarize(rows)["overhead_s"] == 1.5  # warm rounds only: median of 1 and 2

@@ -128,13 +128,18 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
         assert any(k.startswith("sam_lora.") for k in keys)
         uploads[node] = from_record(reply.content["arrays"])  # the last round's upload wins
     assert len(uploads) == 3
-    # Round 1 downloads carry every task; round 2 downloads only the node's own task (+ adapters)
-    r1 = [(n, keys) for n, kind, rnd, keys in received if kind == "train" and rnd == 1]
-    r2 = [(n, keys) for n, kind, rnd, keys in received if kind == "train" and rnd == 2]
-    assert len(r1) == len(r2) == 3
+
+    # Round 1's train downloads carry every task; once a node has replied, its downloads (round 1's
+    # evaluation) carry only its own task (+ adapters), and round 2's training uses that kept copy
+    def downloads(kind, rnd):
+        return [(n, keys) for n, k, r, keys in received if k == kind and r == rnd]
+
+    r1, e1, r2 = downloads("train", 1), downloads("evaluate", 1), downloads("train", 2)
+    assert len(r1) == len(e1) == len(r2) == 3
     assert all({task_of_keys([k]) for k in keys} == {"", "cardiac", "lesion"} for _, keys in r1)
-    for node, keys in r2:
+    for node, keys in e1:
         assert {task_of_keys([k]) for k in keys} == {"", task_of_node[node]}
+    assert all(keys == set() for _, keys in r2)  # keep-global
     # The final global state: adapters = mean over all three hospitals (6 labeled slices each),
     # the cardiac U-Net = mean of the two cardiac hospitals, the lesion U-Net = its one hospital's
     final = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["method"]

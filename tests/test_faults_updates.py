@@ -297,6 +297,41 @@ def test_quorum_grid_stops_waiting_for_a_dead_node(task_identity, quorum, grace,
     assert len(replies) == 2 and took < max_seconds
 
 
+class LateNodeGrid(SilentNodeGrid):
+    """Node 3 replies too, but only on the ``late``-th look for replies."""
+
+    def __init__(self, late: int):
+        super().__init__()
+        self.late, self.looks = late, 0
+
+    def pull_messages(self, ids):
+        self.looks += 1
+        out = super().pull_messages(ids)
+        if self.looks == self.late:
+            for mid in ids:
+                if self.sent[mid].metadata.dst_node_id == 3:
+                    rep = Message(RecordDict(), reply_to=self.sent[mid])
+                    rep.metadata.__dict__["_reply_to_message_id"] = mid
+                    out.append(rep)
+        return out
+
+
+def test_quorum_grid_without_grace_waits_for_every_reply_looking_every_poll(task_identity, monkeypatch):
+    # Prepare: no straggler grace (the default); the slow node's reply is there at the 4th look
+    slept = []
+    monkeypatch.setattr("server.quorum.time.sleep", slept.append)
+    inner = LateNodeGrid(late=4)
+    grid = QuorumGrid(inner, quorum=1, poll=0.05)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
+
+    # Execute
+    replies = list(grid.send_and_receive(messages, timeout=None))
+
+    # Assert: every reply, after 3 pauses of the poll interval (not Flower's 3 s)
+    assert sorted(m.metadata.src_node_id for m in replies) == [1, 2, 3]
+    assert inner.looks == 4 and slept == [0.05, 0.05, 0.05]
+
+
 # ---- in process: a site with bad data, resume-from=auto -------------------------------------------------
 
 

@@ -66,6 +66,7 @@ def test_pyproject_app_config_parses():
         ({"transport": "int8"}, "transport"),
         ({"schedule.no_such_key": 1}, "unknown config key"),
         ({"fedbn": "maybe"}, "fedbn"),
+        ({"reply-poll": 0.0}, "reply-poll"),
     ],
 )
 def test_run_config_rejects_bad_values(run_config, error):

@@ -181,6 +181,13 @@ class SamGuide(nn.Module):
         """(B, 1|3, H, W) images and prompts as in `decode` -> logits (B, K, 256, 256)."""
         return self.decode(self.encode(images), boxes, points, mask_inputs)
 
+    def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
+        """(B*K, T, 256) sparse prompt embeddings -> (B*K, 5 + T, 256): SAM's IoU token and 4 mask
+        tokens, then the prompts."""
+        md = self.mask_decoder
+        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)  # (1 + 4, 256)
+        return torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
+
     def _predict_masks_folded(
         self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, shared: bool
     ) -> torch.Tensor:
@@ -191,8 +198,7 @@ class SamGuide(nn.Module):
         """
         md = self.mask_decoder
         b, bk = embeddings.shape[0], sparse.shape[0]
-        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)  # (1 + 4, 256)
-        tokens = torch.cat([out_tokens.expand(bk, -1, -1), sparse], dim=1)  # (B*K, 5 + T, 256)
+        tokens = self._tokens(sparse)  # (B*K, 5 + T, 256)
         if shared:
             src = embeddings + dense[:1]  # (B, 256, 64, 64)
         else:
@@ -212,8 +218,7 @@ class SamGuide(nn.Module):
         """
         md = self.mask_decoder
         b, bk = embeddings.shape[0], sparse.shape[0]
-        out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)  # (1 + 4, 256)
-        tokens = torch.cat([out_tokens.expand(bk, -1, -1), sparse], dim=1)  # (B*K, 5 + T, 256)
+        tokens = self._tokens(sparse)  # (B*K, 5 + T, 256)
         dense = dense.reshape(b, bk // b, *dense.shape[1:])  # (B, K, 256, 64, 64)
         src = (embeddings.unsqueeze(1) + dense).flatten(0, 1)  # (B*K, 256, 64, 64)
         pos = self.prompt_encoder.get_dense_pe().expand(bk, -1, -1, -1)  # (B*K, 256, 64, 64)
