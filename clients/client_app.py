@@ -7,7 +7,8 @@ train ``local-iterations`` steps of the global schedule, reply with exactly the 
 slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation Dice of the global model
 (and ``evaluate-seconds``), by the U-Net alone when this process has not trained the site (no SAM built).
 Under ``keep-global`` the evaluate instruction's arrays are kept in ``context.state`` and the next train
-instruction arrives without arrays (:mod:`federation.kept_global`).
+instruction arrives without arrays (:mod:`federation.kept_global`); a site without the copy replies
+with an error that makes the server send the arrays.
 
 A site whose data cannot be read (missing folder, corrupt file, bad label map: ``DataError`` /
 ``OSError``) replies with an error message naming the site, the file and the problem instead of
@@ -60,6 +61,7 @@ def _local_state(context: Context) -> dict[str, torch.Tensor]:
 def _arrays(msg: Message, context: Context, site: str) -> ArrayRecord:
     """The instruction's global arrays, or the copy this site kept from its last evaluation."""
     if "arrays" in msg.content.array_records:
+        kept_global.discard(context)  # not needed: drop it
         return msg.content["arrays"]
     config = msg.content["config"]
     if kept_global.USE not in config:

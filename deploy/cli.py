@@ -207,7 +207,8 @@ def supervise(argv: list[str], env: dict[str, str], delay: float) -> int:
 def do_rehearse(args: argparse.Namespace) -> int:
     from deploy.rehearsal import Rehearsal, RehearsalConfig  # imports the data writer (numpy, nibabel)
 
-    cfg = RehearsalConfig(sites=args.sites, rounds=args.rounds, timeout=args.timeout)
+    # Federated evaluation every round, as the app's default: round 2 trains from kept copies
+    cfg = RehearsalConfig(sites=args.sites, rounds=args.rounds, timeout=args.timeout, evaluate_every=1)
     # SIGTERM (a CI timeout, systemd) must still stop every process the rehearsal started.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     return Rehearsal.main(Path(args.dir) if args.dir else None, cfg)

@@ -368,6 +368,10 @@ def poisoned_site(root: Path, cfg: RehearsalConfig | None = None, cases=POISON_C
     factor = {"value": 1.0}
 
     def poison(msg: Message, reply: Message) -> Message:
+        if "arrays" not in msg.content.array_records:  # keep-global: only after an evaluation
+            raise RuntimeError(
+                "the poison drill runs without federated evaluation; this instruction has no arrays"
+            )
         sent = {k: v.numpy() for k, v in unpack_record(msg.content["arrays"]).items()}
         bad = ArrayRecord()
         for k, v in unpack_record(reply.content["arrays"]).items():

@@ -11,8 +11,16 @@ replies with an error naming the site and the digest, and the server goes on wit
 round, as for any failed site; its next instruction carries the arrays again.
 
 The digest is SHA-256 over every entry's key, dtype, shape and bytes, in the record's order, of the
-record as it travels (after the transport cast and packing), so both sides compute it on the same
-bytes; the site does not recompute it, it compares the names.
+record as it travels (after the transport cast and packing); only the server computes it, the site
+compares the names.
+
+An accepted evaluate reply does not prove the copy survives: the context lives in the SuperNode's
+memory only (a restarted SuperNode, which keeps its node id, starts with an empty one), and Flower
+1.42 stores a ClientApp's context after its reply has gone. So a site that holds no copy replies with
+an error carrying :data:`MISSING`, and the server sends that site the same instruction with the
+arrays within the same phase (:meth:`server.strategy.FedSAMatch.resend_with_arrays` through
+:class:`server.quorum.QuorumGrid`). A site drops its copy when it is used or when a train instruction
+arrives with arrays, and the server asks for no copy in the run's last evaluation.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 
 KEEP = "keep-global"  # evaluate instruction config: keep these arrays under this digest
 USE = "kept-global"  # train instruction config (no arrays): use the kept arrays with this digest
-_ARRAYS, _NAME = "kept-global", "kept-global-digest"  # context.state records
+MISSING = "holds no kept global state"  # in the error reason of a site without the named copy
+_ARRAYS, _NAME = "kept-global-arrays", "kept-global-digest"  # context.state records
 
 
 class KeptGlobalMissing(RuntimeError):
@@ -45,18 +54,23 @@ def keep(context: Context, record: ArrayRecord, digest: str) -> None:
     context.state[_NAME] = ConfigRecord({"digest": digest})
 
 
+def discard(context: Context) -> None:
+    """Drop the kept copy, if any (it is not carried in every later message's context)."""
+    for name in (_ARRAYS, _NAME):
+        if name in context.state:
+            del context.state[name]
+
+
 def take(context: Context, digest: str, site: str) -> ArrayRecord:
     """The kept record named ``digest``, removed from the context; :class:`KeptGlobalMissing` if the
-    site holds none (or an older one)."""
+    site holds none (or another one)."""
     named = context.state.config_records.get(_NAME)
-    held = str(named["digest"]) if named is not None else None
-    if held != digest or _ARRAYS not in context.state.array_records:
-        have = f"it holds {held[:12]}" if held else "it holds none"
+    held = str(named["digest"]) if named is not None else ""
+    record = context.state.array_records.get(_ARRAYS)
+    if held != digest or record is None:
+        have = f"its copy is {held[:12]}" if held and record is not None else "it has none"
         raise KeptGlobalMissing(
-            f"site {site}: the server sent no arrays and named kept global state {digest[:12]}, but "
-            f"{have} (context reset since the last evaluation?); it sits this round out"
+            f"site {site} {MISSING} {digest[:12]}: {have} (context reset since its evaluation?)"
         )
-    record = context.state.array_records[_ARRAYS]
-    del context.state[_ARRAYS]
-    del context.state[_NAME]
+    discard(context)
     return record

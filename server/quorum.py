@@ -7,13 +7,16 @@ waited 1.5 s on average after its last reply; here the wrapped Grid is asked eve
 the full ``round-timeout``: with a finite ``grace`` (run config ``straggler-timeout``) the wait ends
 when every reply is in, or ``grace`` seconds after ``quorum`` replies (of any kind: an error reply
 means that site is done) have arrived, or at the timeout, whichever comes first; late replies are
-dropped by Flower and the missing nodes are logged. Everything else is the wrapped Grid's.
+dropped by Flower and the missing nodes are logged. An error reply can be answered in the same wait:
+``resend(sent, reply)`` may return a message to send instead (once per node and call); the strategy
+uses it to send the arrays to a site that lost its kept global state (:mod:`federation.kept_global`).
+Everything else is the wrapped Grid's.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import Message
@@ -23,8 +26,17 @@ from flwr.supercore.run import Run
 
 
 class QuorumGrid(Grid):
-    def __init__(self, grid: Grid, quorum: int, grace: float = float("inf"), poll: float = 0.2):
+    def __init__(
+        self,
+        grid: Grid,
+        quorum: int,
+        grace: float = float("inf"),
+        poll: float = 0.2,
+        resend: Callable[[Message, Message], Message | None] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         self.grid, self.quorum, self.grace, self.poll = grid, quorum, grace, poll
+        self.resend, self.sleep = resend, sleep
 
     # ---- delegated -----------------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -61,10 +73,16 @@ class QuorumGrid(Grid):
         deadline = start + timeout if timeout is not None else float("inf")
         grace_end = None
         replies: list[Message] = []
+        to_node = {m.metadata.dst_node_id: m for m in messages}  # one instruction per node
         while pending:
             got = list(self.pull_messages(pending))
-            replies.extend(got)
             pending -= {m.metadata.reply_to_message_id for m in got}
+            for reply in got:
+                again = self._answer(to_node, reply)
+                if again is None:
+                    replies.append(reply)
+                else:  # this node's reply is still to come
+                    pending.update(self.push_messages([again]))
             if not pending or len(replies) >= sent:  # (a Grid may use its own message ids)
                 pending = set()
                 break
@@ -84,7 +102,17 @@ class QuorumGrid(Grid):
                     missing,
                 )
                 break
-            time.sleep(self.poll)
+            self.sleep(self.poll)
         if not pending:
             log(INFO, "all %d replies after %.0f s", len(replies), time.monotonic() - start)
         return replies
+
+    def _answer(self, to_node: dict[int, Message], reply: Message) -> Message | None:
+        """A message to send instead of accepting the error ``reply`` (at most once per node)."""
+        sent = to_node.get(reply.metadata.src_node_id)
+        if self.resend is None or sent is None or not reply.has_error():
+            return None
+        again = self.resend(sent, reply)
+        if again is not None:
+            del to_node[reply.metadata.src_node_id]
+        return again

@@ -114,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_round=fed.evaluates,
         key_sets=key_sets,
         keep_global=fed.keep_global,
+        final_round=fed.last_round,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train_nodes,
@@ -161,10 +162,12 @@ def main(grid: Grid, context: Context) -> None:
         )
         return MetricRecord(server_metrics) if server_metrics else None
 
-    # Replies are looked for every reply-poll seconds; with straggler-timeout a crashed site does not
-    # hold every round for round-timeout.
+    # Replies are looked for every reply-poll seconds (or as often as the wrapped Grid does), with
+    # straggler-timeout a crashed site does not hold every round for round-timeout, and a site that
+    # lost its kept global state is sent the arrays (keep-global).
     grace = fed.straggler_timeout if fed.straggler_timeout > 0 else float("inf")
-    grid = QuorumGrid(grid, fed.min_train_replies, grace, fed.reply_poll)
+    poll = min(fed.reply_poll, getattr(grid, "pull_interval", fed.reply_poll))  # Ray's grid: 0.1 s
+    grid = QuorumGrid(grid, fed.min_train_replies, grace, poll, resend=strategy.resend_with_arrays)
     strategy.start(
         grid=grid,
         initial_arrays=to_record(state, keys, "fp32"),

@@ -19,7 +19,8 @@ does the work:
   kept in ``history`` under ``train-tasks`` / ``evaluate-tasks``;
 * ``keep_global`` (:mod:`federation.kept_global`): the evaluate instruction names its arrays by
   digest, and a site whose evaluate reply was accepted gets the next train instruction without
-  arrays (the same state); ``history[r]["train-instructions"]`` counts both kinds.
+  arrays (the same state); a site that lost its copy is sent the arrays in the same phase;
+  ``history[r]["train-instructions"]`` counts both kinds and the resends.
 
 Aggregated metrics of every round are kept in ``history`` for the server's results.json.
 """
@@ -59,6 +60,7 @@ class FedSAMatch(FedAvg):
         evaluate_round: Callable[[int], bool] | None = None,
         key_sets: Iterable[frozenset[str]] = (),
         keep_global: bool = True,
+        final_round: int | None = None,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -79,8 +81,12 @@ class FedSAMatch(FedAvg):
         self.node_keys: dict[int, frozenset[str]] = {}  # cross-task: what each node last sent
         self._outgoing: ArrayRecord | None = None  # this phase's global arrays, before encoding
         self.keep_global = keep_global
+        self.final_round = final_round if final_round is not None else float("inf")  # absolute
+        self._offer = False  # this evaluation asks the sites to keep the arrays
         self._offered: dict[int, str] = {}  # node -> digest of the arrays its evaluate instruction named
         self._kept: dict[int, str] = {}  # node -> digest it holds (its evaluate reply was accepted)
+        self._full: dict[int, RecordDict] = {}  # node -> its train instruction with the arrays
+        self._train_round = 0
 
     # ---- outgoing ----------------------------------------------------------------------------------
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -109,13 +115,13 @@ class FedSAMatch(FedAvg):
     ) -> Iterable[Message]:
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         self.reference = {k: v.numpy() for k, v in arrays.items()}
-        self._outgoing = arrays
-        r = server_round + self.round_offset
+        self._outgoing, self._full, self._offer = arrays, {}, False
+        self._train_round = r = server_round + self.round_offset
         messages = list(super().configure_train(r, self._encode(arrays), config, grid))
-        bare = sum(1 for m in messages if self.arrayrecord_key not in m.content.array_records)
         self.history.setdefault(r, {})["train-instructions"] = {
-            "with-arrays": len(messages) - bare,
-            "kept-global": bare,
+            "with-arrays": len(messages) - len(self._full),
+            "kept-global": len(self._full),
+            "resent": 0,
         }
         return messages
 
@@ -123,41 +129,67 @@ class FedSAMatch(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._offered, self._kept = {}, {}  # a kept copy serves only the train instruction right after
-        if self.fraction_evaluate == 0.0 or not self.evaluate_round(server_round + self.round_offset):
+        r = server_round + self.round_offset
+        if self.fraction_evaluate == 0.0 or not self.evaluate_round(r):
             log(INFO, "configure_evaluate: no federated evaluation this round")
             return []
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
         self._outgoing = arrays
-        return super().configure_evaluate(
-            server_round + self.round_offset, self._encode(arrays), config, grid
-        )
+        self._offer = self.keep_global and r < self.final_round  # no train instruction follows the last
+        return super().configure_evaluate(r, self._encode(arrays), config, grid)
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str):
         """FedAvg's one message per node, with two changes: in a cross-task federation a node that has
         replied before gets only its task's tensors (and the shared adapters); under ``keep_global``
         an evaluate instruction names its arrays' digest, and a train instruction to a node that holds
-        those arrays carries none."""
+        those arrays carries none (its full content is kept for :meth:`resend_with_arrays`)."""
         if self._outgoing is None or not (self.key_sets or self.keep_global):
             return super()._construct_messages(record, node_ids, message_type)
         config = record[self.configrecord_key]
-        encoded: dict[frozenset[str] | None, tuple[ArrayRecord, str]] = {}  # per key set: arrays, digest
+        offer = self._offer and message_type == MessageType.EVALUATE
+        encoded: dict[frozenset[str] | None, ArrayRecord] = {}  # per key set (cross-task)
+        digests: dict[frozenset[str] | None, str] = {}
         messages = []
         for node in node_ids:
             keys = self.node_keys.get(node) if self.key_sets else None
             if keys not in encoded:
-                arrays = record[self.arrayrecord_key]
+                encoded[keys] = record[self.arrayrecord_key]
                 if keys is not None:
-                    arrays = self._encode(ArrayRecord({k: self._outgoing[k] for k in sorted(keys)}))
-                encoded[keys] = (arrays, kept_global.record_digest(arrays) if self.keep_global else "")
-            arrays, digest = encoded[keys]
-            content = {self.arrayrecord_key: arrays, self.configrecord_key: config}
-            if digest and message_type == MessageType.EVALUATE:
-                self._offered[node] = digest
-                content[self.configrecord_key] = ConfigRecord({**config, kept_global.KEEP: digest})
-            elif digest and message_type == MessageType.TRAIN and self._kept.get(node) == digest:
-                content = {self.configrecord_key: ConfigRecord({**config, kept_global.USE: digest})}
-            messages.append(Message(content=RecordDict(content), message_type=message_type, dst_node_id=node))
+                    encoded[keys] = self._encode(ArrayRecord({k: self._outgoing[k] for k in sorted(keys)}))
+            arrays = encoded[keys]
+            held = self._kept.get(node) if message_type == MessageType.TRAIN else None
+            if (offer or held) and keys not in digests:
+                digests[keys] = kept_global.record_digest(arrays)
+            content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+            if offer:
+                self._offered[node] = digests[keys]
+                content[self.configrecord_key] = ConfigRecord({**config, kept_global.KEEP: digests[keys]})
+            elif held and held == digests[keys]:
+                self._full[node] = content
+                content = RecordDict({self.configrecord_key: ConfigRecord({**config, kept_global.USE: held})})
+            messages.append(Message(content=content, message_type=message_type, dst_node_id=node))
         return messages
+
+    def resend_with_arrays(self, sent: Message, reply: Message) -> Message | None:
+        """For :class:`server.quorum.QuorumGrid`: the train instruction ``sent`` again, with its arrays,
+        when its site replied that it holds no kept copy; None for every other reply."""
+        node = sent.metadata.dst_node_id
+        if node not in self._full or not reply.has_error() or kept_global.MISSING not in reply.error.reason:
+            return None
+        self.history[self._train_round]["train-instructions"]["resent"] += 1
+        log(
+            INFO,
+            "round %d train: node %s %s: sending it the arrays",
+            self._train_round,
+            node,
+            kept_global.MISSING,
+        )
+        return Message(
+            content=self._full.pop(node),
+            message_type=sent.metadata.message_type,
+            dst_node_id=node,
+            group_id=sent.metadata.group_id,
+        )
 
     # ---- incoming ----------------------------------------------------------------------------------
     def _rules(self) -> UpdateRules:

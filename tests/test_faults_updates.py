@@ -316,12 +316,11 @@ class LateNodeGrid(SilentNodeGrid):
         return out
 
 
-def test_quorum_grid_without_grace_waits_for_every_reply_looking_every_poll(task_identity, monkeypatch):
+def test_quorum_grid_without_grace_waits_for_every_reply_looking_every_poll(task_identity):
     # Prepare: no straggler grace (the default); the slow node's reply is there at the 4th look
     slept = []
-    monkeypatch.setattr("server.quorum.time.sleep", slept.append)
     inner = LateNodeGrid(late=4)
-    grid = QuorumGrid(inner, quorum=1, poll=0.05)
+    grid = QuorumGrid(inner, quorum=1, poll=0.05, sleep=slept.append)
     messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2, 3)]
 
     # Execute

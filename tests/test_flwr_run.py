@@ -72,6 +72,9 @@ def test_flwr_run_local_simulation(tmp_path):
     assert "round 2/2: val Dice" in log and "finished:completed" in log
     results = json.loads((out / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2]
+    # keep-global in Ray's simulation: round 2's training used the copies kept from round 1's evaluation
+    assert results["rounds"][1]["train-instructions"] == {"with-arrays": 0, "kept-global": 2, "resent": 0}
+    assert all(len(r["train-sites"]["accepted"]) == 2 for r in results["rounds"])
     assert (home / "config.toml").is_file()
     assert "train-loss_sam_x" in log  # SAM-Match ran (the default method), with SAM's own loss
     # one embedding file per slice: 6 labeled (one phantom patient) + 2 unlabeled, per hospital

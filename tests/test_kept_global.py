@@ -1,6 +1,6 @@
 """keep-global: the digest by hand, keep / take on a context, and real in-process federations in
-which the state goes down once per round with the same result, and a site that lost its copy sits one
-round out."""
+which the state goes down once per round with the same result, a site that lost its copy is sent the
+arrays in the same phase, and a site whose evaluation failed gets them anyway."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
 from federation import kept_global
@@ -62,34 +62,44 @@ def test_take_returns_the_kept_copy_once_and_names_the_site_otherwise():
     kept_global.keep(context, record, "d" * 64)
 
     # Execute / Assert: a wrong name is refused and leaves the copy; the right one takes it out
-    with pytest.raises(kept_global.KeptGlobalMissing, match=r"site hospitalA: .*eeeeeeeeeeee.*dddddddddddd"):
+    with pytest.raises(
+        kept_global.KeptGlobalMissing, match=r"site hospitalA .*eeeeeeeeeeee: its copy is ddd"
+    ):
         kept_global.take(context, "e" * 64, "hospitalA")
     assert kept_global.take(context, "d" * 64, "hospitalA") is record
     assert not context.state.array_records and not context.state.config_records
-    with pytest.raises(kept_global.KeptGlobalMissing, match="it holds none"):
+    with pytest.raises(kept_global.KeptGlobalMissing, match=f"{kept_global.MISSING} .*: it has none"):
         kept_global.take(context, "d" * 64, "hospitalA")
+    kept_global.keep(context, record, "d" * 64)
+    kept_global.discard(context)  # a train instruction that came with arrays
+    assert not context.state.array_records and not context.state.config_records
 
 
-def recording(log: list, forget: tuple[int, int] | None = None):
-    """The ClientApp, logging (node, kind, round, carries arrays, replied with an error); ``forget``
-    = (node, round): that node's context is reset just before its train instruction of that round."""
+def recording(log: list, forget: tuple[int, int] | None = None, fail: tuple[int, int] | None = None):
+    """The ClientApp, logging (node, kind, round, carries arrays, replied with an error). ``forget``
+    = (node, round): that node's context is reset before its train instruction of that round, if the
+    instruction has no arrays; ``fail`` = (node, round): that node's evaluation of that round fails."""
 
     def app(msg, context):
         kind, rnd = msg.metadata.message_type, int(msg.content["config"]["server-round"])
-        if (context.node_id, rnd) == forget and kind == "train":
+        arrays = "arrays" in msg.content.array_records
+        if (context.node_id, rnd) == forget and kind == "train" and not arrays:
             context.state = RecordDict()  # its SuperNode restarted: a new, empty context
-        reply = client_app(msg, context)
+        if (context.node_id, rnd) == fail and kind == "evaluate":
+            reply = Message(Error(code=0, reason="injected evaluation failure"), reply_to=msg)
+        else:
+            reply = client_app(msg, context)
         log.append((context.node_id, kind, rnd, "arrays" in msg.content.array_records, reply.has_error()))
         return reply
 
     return app
 
 
-def run(tmp_path, name: str, log: list, forget=None, **overrides) -> dict:
+def run(tmp_path, name: str, log: list, forget=None, fail=None, **overrides) -> dict:
     clear_sessions()
     try:
         rc = {**TINY, "out-dir": str(tmp_path / name), **overrides}
-        grid = run_inprocess(server_app, recording(log, forget), rc, NODES)
+        grid = run_inprocess(server_app, recording(log, forget, fail), rc, NODES)
     finally:
         clear_sessions()
     return {"grid": grid, "results": json.loads((tmp_path / name / "results.json").read_text())}
@@ -125,8 +135,12 @@ def test_keep_global_sends_the_state_down_once_per_round_with_the_same_result(tm
         ("evaluate", 3): [True, True],
     }
     counts = {keep: [r["train-instructions"] for r in runs[keep]["results"]["rounds"]] for keep in runs}
-    assert counts[False] == [{"with-arrays": 2, "kept-global": 0}] * 3
-    assert counts[True] == [{"with-arrays": 2, "kept-global": 0}] + [{"with-arrays": 0, "kept-global": 2}] * 2
+    full, bare = (
+        {"with-arrays": 2, "kept-global": 0, "resent": 0},
+        {"with-arrays": 0, "kept-global": 2, "resent": 0},
+    )
+    assert counts[False] == [full] * 3
+    assert counts[True] == [full, bare, bare]
     # ... and the run is the same: the global model bit for bit, every round's Dice
     last = {
         keep: torch.load(tmp_path / f"keep{keep}" / "last.pt", weights_only=False)["method"] for keep in runs
@@ -137,20 +151,54 @@ def test_keep_global_sends_the_state_down_once_per_round_with_the_same_result(tm
     assert dice[False] == dice[True]
 
 
-def test_a_site_that_lost_its_kept_copy_sits_one_round_out(tmp_path):
-    # Execute: node 100's context is reset between its round-1 evaluation and its round-2 training
-    log = []
+def test_a_site_that_lost_its_kept_copy_is_sent_the_arrays_in_the_same_round(tmp_path):
+    # Execute: node 100's context is reset between its round-1 evaluation and its round-2 training;
+    # and the same federation without the fault
+    log, clean = [], []
     result = run(tmp_path, "forget", log, forget=(100, 2))
+    run(tmp_path, "clean", clean)
 
-    # Assert: its round-2 train reply is an error naming the kept state; the server aggregated node
-    # 101 alone that round, and node 100 trained again in round 3 (its round-2 evaluation kept a copy)
-    errors = [(node, kind, rnd) for node, kind, rnd, _, error in log if error]
-    assert errors == [(100, "train", 2)]
-    reply = next(m for node, m in result["grid"].sent if node == 100 and m.has_error())
-    assert "kept global state" in reply.error.reason and "sits this round out" in reply.error.reason
-    sites = [r["train-sites"] for r in result["results"]["rounds"]]
-    assert [s["accepted"] for s in sites] == [[100, 101], [101], [100, 101]]
-    assert list(sites[1]["failed"]) == ["100"]
+    # Assert: its bare round-2 instruction got an error reply naming the missing copy, the server sent
+    # the instruction again with the arrays, the site trained, and the run is the fault-free one
+    node100_round2 = [
+        (arrays, error) for node, kind, rnd, arrays, error in log if (node, kind, rnd) == (100, "train", 2)
+    ]
+    assert node100_round2 == [(False, True), (True, False)]
+    assert [e for e in log if e[4]] == [(100, "train", 2, False, True)]
+    rounds = result["results"]["rounds"]
+    assert [r["train-sites"]["accepted"] for r in rounds] == [[100, 101]] * 3
+    assert [r["train-instructions"]["resent"] for r in rounds] == [0, 1, 0]
+    last = {
+        name: torch.load(tmp_path / name / "last.pt", weights_only=False)["method"]
+        for name in ("forget", "clean")
+    }
+    assert all(torch.equal(last["forget"][k], last["clean"][k]) for k in last["clean"])
+
+
+def test_a_site_whose_evaluation_failed_is_sent_the_arrays(tmp_path):
+    # Execute: node 101's round-1 evaluation replies with an error
+    log = []
+    result = run(tmp_path, "fail", log, fail=(101, 1))
+
+    # Assert: round 2's train instruction carries arrays for node 101 only; no train reply failed
+    round2 = {node: arrays for node, kind, rnd, arrays, _ in log if (kind, rnd) == ("train", 2)}
+    assert round2 == {100: False, 101: True}
+    assert all(not error for node, kind, *_, error in log if kind == "train")
+    assert result["results"]["rounds"][1]["train-instructions"] == {
+        "with-arrays": 1,
+        "kept-global": 1,
+        "resent": 0,
+    }
+
+
+def test_the_last_evaluation_asks_for_no_copy_and_a_site_drops_unused_ones(tmp_path):
+    # Execute
+    result = run(tmp_path, "last", [])
+
+    # Assert: after the run no site context holds a kept copy (the round-3 evaluation asked for none;
+    # rounds 1-2's copies were taken by the next training)
+    contexts = result["grid"].contexts.values()
+    assert all(not ctx.state.array_records and not ctx.state.config_records for ctx in contexts)
 
 
 def test_only_a_train_instruction_right_after_an_evaluation_goes_without_arrays(tmp_path):
