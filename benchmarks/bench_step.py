@@ -42,14 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds
-from samatch.config import TrainConfig, apply_overrides
-from samatch.data import SliceSet, TrainData, build_train_data
-from samatch.engine import Trainer
-from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss
-from samatch.methods.match import cutmix
-from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks
-from samatch.prompts import confident_masks, jitter_boxes
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds  # noqa: E402
+from samatch.config import TrainConfig, apply_overrides  # noqa: E402
+from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
+from samatch.engine import Trainer  # noqa: E402
+from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss  # noqa: E402
+from samatch.methods.match import cutmix  # noqa: E402
+from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks  # noqa: E402
+from samatch.prompts import confident_masks, jitter_boxes  # noqa: E402
 
 # ---- the reference-equivalent pieces ---------------------------------------------------------------
 
