@@ -6,9 +6,8 @@ the server names the evaluate instruction's arrays by their digest (config key :
 site keeps that record in its ``context.state`` (which Flower keeps per node for the whole run, in
 simulation and in deployment) and, once its evaluate reply is accepted, the server sends the next
 train instruction without arrays, naming the same digest (config key :data:`USE`). The site takes its
-kept copy (and drops it); if it has none with that digest (its SuperNode restarted in between), it
-replies with an error naming the site and the digest, and the server goes on without it for that
-round, as for any failed site; its next instruction carries the arrays again.
+kept copy (and drops it); if it has none with that digest, it replies with an error naming the site
+and the digest, and the server sends it the arrays (below).
 
 The digest is SHA-256 over every entry's key, dtype, shape and bytes, in the record's order, of the
 record as it travels (after the transport cast and packing); only the server computes it, the site
