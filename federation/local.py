@@ -81,10 +81,10 @@ def get_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> Si
     if not evaluate_only:
         _SESSIONS[key] = _build_session(site, site_cfg)
         return _SESSIONS[key]
-    eval_cfg = copy.deepcopy(site_cfg)
-    eval_cfg.method.name = "supervised"  # the same U-Net (model and method.feature_dropout settings)
     eval_key = "evaluate-only " + key
     if eval_key not in _SESSIONS:
+        eval_cfg = copy.deepcopy(site_cfg)
+        eval_cfg.method.name = "supervised"  # the same U-Net (model and method.feature_dropout settings)
         _SESSIONS[eval_key] = _build_session(site, eval_cfg, evaluate_only=True)
     return _SESSIONS[eval_key]
 
