@@ -19,6 +19,25 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
+# A tiny phantom federation for in-process runs: 32 px, 4-channel U-Net, 2 steps per round.
+TINY_FEDERATION = {
+    "data.format": "phantom-cardiac",
+    "data.labeled": 1,
+    "data.size": 32,
+    "data.max_unlabeled": 6,
+    "model.base_channels": 4,
+    "schedule.batch_size": 2,
+    "schedule.lr": 0.03,
+    "device": "cpu",
+    "num-server-rounds": 2,
+    "local-iterations": 2,
+}
+
+
+def phantom_nodes(n: int) -> list[dict]:
+    """Node configs of ``n`` simulated phantom hospitals."""
+    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
+
 
 def require_dir(path: Path, what: str) -> Path:
     if path.is_dir():

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tomllib
 import torch
+from conftest import TINY_FEDERATION as TINY
+from conftest import phantom_nodes
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.config import flatten_dict
 
@@ -23,24 +25,6 @@ from server.server_app import app as server_app
 from server.strategy import FedSAMatch
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Tiny phantom federation: 32 px, 4-channel U-Net, 2 steps per round.
-TINY = {
-    "data.format": "phantom-cardiac",
-    "data.labeled": 1,
-    "data.size": 32,
-    "data.max_unlabeled": 6,
-    "model.base_channels": 4,
-    "schedule.batch_size": 2,
-    "schedule.lr": 0.03,
-    "device": "cpu",
-    "num-server-rounds": 2,
-    "local-iterations": 2,
-}
-
-
-def phantom_nodes(n: int) -> list[dict]:
-    return [{"partition-id": i, "num-partitions": n} for i in range(n)]
 
 
 # ---- config ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_FEDERATION, phantom_nodes
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 
 from clients.client_app import app as client_app
@@ -18,19 +19,8 @@ from federation.inprocess import run_inprocess
 from federation.local import clear_sessions
 from server.server_app import app as server_app
 
-TINY = {  # 2 phantom hospitals, 32 px, a 4-channel U-Net, 2 steps per round, 3 rounds
-    "data.format": "phantom-cardiac",
-    "data.labeled": 1,
-    "data.size": 32,
-    "data.max_unlabeled": 6,
-    "model.base_channels": 4,
-    "method.name": "unimatch",
-    "schedule.batch_size": 2,
-    "device": "cpu",
-    "num-server-rounds": 3,
-    "local-iterations": 2,
-}
-NODES = [{"partition-id": i, "num-partitions": 2} for i in range(2)]
+TINY = {**TINY_FEDERATION, "method.name": "unimatch", "num-server-rounds": 3}  # 2 hospitals below
+NODES = phantom_nodes(2)
 
 
 def test_digest_by_hand_and_sensitive_to_every_part():
