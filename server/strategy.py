@@ -115,7 +115,7 @@ class FedSAMatch(FedAvg):
     ) -> Iterable[Message]:
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
         self.reference = {k: v.numpy() for k, v in arrays.items()}
-        self._outgoing, self._full, self._offer = arrays, {}, False
+        self._outgoing, self._full = arrays, {}
         self._train_round = r = server_round + self.round_offset
         messages = list(super().configure_train(r, self._encode(arrays), config, grid))
         self.history.setdefault(r, {})["train-instructions"] = {
