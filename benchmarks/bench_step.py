@@ -368,6 +368,7 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
     if counter is not None:
         counter.remove()
     cost = step_cost(trainer)  # one more step, under FLOP and byte counters
+    syncs = host_syncs(trainer)  # and one more on CUDA, counting the host's waits for the device
     return {
         **cost,
         "ms_median": statistics.median(times),
@@ -378,7 +379,28 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
         "peak_rss_delta_mib": round(rss.delta_mib, 1),
         "encoder_passes_per_step": counter.encoder / steps if counter else 0.0,
         "decoder_passes_per_step": counter.decoder / steps if counter else 0.0,
+        **syncs,
     }
+
+
+def host_syncs(trainer: Trainer) -> dict:
+    """One more step with ``torch.cuda.set_sync_debug_mode("warn")``: how many operations made the
+    host wait for the GPU (``.item()``, nonzero, a device-to-host copy), and where (file:line, counted).
+    Empty on CPU, where there is nothing to wait for."""
+    if trainer.device.type != "cuda":
+        return {}
+    import warnings
+    from collections import Counter
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return {"host_syncs_per_step": sum(where.values()), "host_sync_sites": dict(where.most_common(12))}
 
 
 def _free(device: str) -> None:
@@ -409,13 +431,22 @@ def bench_device(
     profile: bool = False,
     sam_checkpoint: str = "",
     keep_host_memory: bool = False,
+    rows: list | None = None,
 ) -> tuple[list, dict | None]:
     """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
-    rows, prof = [], None
+    rows = [] if rows is None else rows  # the caller's list fills as cases finish (kept on a crash)
+    prof = None
 
-    def record(mode, batch, amp, r):
+    def record(mode, batch, amp, trainer):
+        """Time one case; a case that does not fit in device memory is recorded as such, not fatal."""
+        try:
+            r = time_steps(trainer, steps, warmup)
+        except torch.OutOfMemoryError as err:
+            _free(device)
+            r = {"ms_median": None, "error": f"out of memory: {str(err).splitlines()[0]}"}
         rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, **r})
-        log(f"  {device} batch {batch:>2} {amp} {mode:<9} {r['ms_median']:10.1f} ms/step")
+        ms = "did not fit" if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
+        log(f"  {device} batch {batch:>2} {amp} {mode:<9} {ms}")
 
     for amp in amps:
 
@@ -437,7 +468,7 @@ def bench_device(
         trainer = Trainer(cfg, make_data(cfg, pool))
         for b in batches:
             cfg.schedule.batch_size = b
-            record("unimatch", b, amp, time_steps(trainer, steps, warmup))
+            record("unimatch", b, amp, trainer)
         del trainer
         _free(device)
 
@@ -449,7 +480,7 @@ def bench_device(
             cfg.schedule.batch_size = b
             method.iteration = trainer.iteration
             assert method.joint()
-            record("joint", b, amp, time_steps(trainer, steps, warmup))
+            record("joint", b, amp, trainer)
             if profile and prof is None:
                 try:
                     prof = profile_steps(trainer, steps=3)
@@ -460,7 +491,7 @@ def bench_device(
             method.__class__ = ReferenceSamMatch
             method.guide.sam.folded = False  # segment_anything's decoder as written
             try:
-                record("reference", b, amp, time_steps(trainer, steps, warmup))
+                record("reference", b, amp, trainer)
             finally:
                 method.__class__ = SamMatch
                 method.guide.sam.folded = True
@@ -472,14 +503,19 @@ def bench_device(
             trainer = _joint_trainer(cfg, pool, log)
             for b in batches:
                 cfg.schedule.batch_size = b
-                record("joint_enc", b, amp, time_steps(trainer, steps, warmup))
+                record("joint_enc", b, amp, trainer)
             del trainer
             _free(device)
     return rows, prof
 
 
 def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
-    """torch.profiler over a few steps: the ``top`` operators by self time on the step's device."""
+    """torch.profiler over a few steps: the ``top`` operators by self time on the step's device.
+
+    On CUDA also ``device_busy_ms_per_step``: the summed time of the GPU's kernels and copies (one
+    stream, so they do not overlap). Far below the step's wall time, the GPU waits for the host.
+    """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = trainer.device.type == "cuda"
@@ -502,23 +538,30 @@ def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
         {"op": e.key, "calls": e.count, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
         for e in sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
     ]
-    return {"steps": steps, "sort_by": key, "ops": ops, "table": table}
+    out = {"steps": steps, "sort_by": key, "ops": ops, "table": table}
+    if cuda:
+        busy = sum(getattr(e, key) for e in events if e.device_type == DeviceType.CUDA)
+        out["device_busy_ms_per_step"] = busy / 1e3 / steps
+    return out
 
 
 def ratios(rows: list[dict]) -> list[dict]:
     """joint / UniMatch at the same precision; the fp32 reference / joint at each precision."""
     out = []
     by = {(r["device"], r["batch"], r["amp"], r["mode"]): r["ms_median"] for r in rows}
+
+    def over(a, b):  # None where either case is missing or did not fit
+        return None if a is None or b is None else a / b
+
     for dev, b, amp in dict.fromkeys((r["device"], r["batch"], r["amp"]) for r in rows):
-        joint = by[(dev, b, amp, "joint")]
-        ref = by.get((dev, b, "fp32", "reference"))
+        joint = by.get((dev, b, amp, "joint"))
         out.append(
             {
                 "device": dev,
                 "batch": b,
                 "amp": amp,
-                "joint_over_unimatch": joint / by[(dev, b, amp, "unimatch")],
-                "reference_over_ours": None if ref is None else ref / joint,
+                "joint_over_unimatch": over(joint, by.get((dev, b, amp, "unimatch"))),
+                "reference_over_ours": over(by.get((dev, b, "fp32", "reference")), joint),
             }
         )
     return out
@@ -609,58 +652,78 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.perf_counter()
     load_before = round(os.getloadavg()[0], 2)
-    for dev in devices:
-        steps = args.steps or (20 if dev == "cuda" else 5)
-        warmup = args.warmup if args.warmup is not None else (5 if dev == "cuda" else 2)
-        pool = max(1, min(args.pool, max(batches)))
-        result["settings"][dev] = {"steps": steps, "warmup": warmup, "pool": pool}
-        print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed steps", flush=True)
-        rows, prof = bench_device(
-            dev,
-            size,
-            batches,
-            steps,
-            warmup,
-            pool,
-            lambda s: print(s, flush=True),
-            amps=amps,
-            channels_last=args.channels_last,
-            encoder_trainable=args.encoder_trainable,
-            profile=args.profile,
-            sam_checkpoint=args.sam_checkpoint,
-            keep_host_memory=args.keep_host_memory,
-        )
-        rates = result.setdefault("device_rates", {})[dev] = device_rates(dev)
-        for r in rows:
-            r["floor_ms"] = floor_ms(r, rates, r["amp"])
-        result["results"] += rows
-        if prof is not None:
-            result.setdefault("profile", {})[dev] = prof
-            print(prof.get("table", prof.get("error")), flush=True)
-    result["ratios"] = ratios(result["results"])
-    result["seconds_total"] = round(time.perf_counter() - t_start, 1)
-    # Other processes on the machine skew CPU timings: the 1-min load average before and after.
-    result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+
+    def save() -> None:  # after every device, and on a crash (a GPU session keeps what finished)
+        result["ratios"] = ratios(result["results"])
+        result["seconds_total"] = round(time.perf_counter() - t_start, 1)
+        # Other processes on the machine skew CPU timings: the 1-min load average before and after.
+        result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+    try:
+        for dev in devices:
+            steps = args.steps or (20 if dev == "cuda" else 5)
+            warmup = args.warmup if args.warmup is not None else (5 if dev == "cuda" else 2)
+            pool = max(1, min(args.pool, max(batches)))
+            result["settings"][dev] = {"steps": steps, "warmup": warmup, "pool": pool}
+            print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed", flush=True)
+            rows: list[dict] = []
+            try:
+                _, prof = bench_device(
+                    dev,
+                    size,
+                    batches,
+                    steps,
+                    warmup,
+                    pool,
+                    lambda s: print(s, flush=True),
+                    amps=amps,
+                    channels_last=args.channels_last,
+                    encoder_trainable=args.encoder_trainable,
+                    profile=args.profile,
+                    sam_checkpoint=args.sam_checkpoint,
+                    keep_host_memory=args.keep_host_memory,
+                    rows=rows,
+                )
+            finally:
+                result["results"] += rows
+            rates = result.setdefault("device_rates", {})[dev] = device_rates(dev)
+            for r in rows:
+                if r["ms_median"] is not None:
+                    r["floor_ms"] = floor_ms(r, rates, r["amp"])
+            if prof is not None:
+                result.setdefault("profile", {})[dev] = prof
+                print(prof.get("table", prof.get("error")), flush=True)
+                if "device_busy_ms_per_step" in prof:
+                    print(f"GPU busy {prof['device_busy_ms_per_step']:.1f} ms per profiled step", flush=True)
+            save()
+    except BaseException:
+        result["incomplete"] = True
+        save()
+        print(f"stopped early; the finished cases are in {args.out}", file=sys.stderr)
+        raise
     print(format_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
 def format_table(result: dict) -> str:
     hdr = (
         "| device | batch | precision | mode | ms / step | peak device MiB | peak RSS rise MiB "
-        "| SAM enc / dec passes | GFLOP | GB touched | floor ms | batch sampling ms |"
+        "| SAM enc / dec passes | GFLOP | GB touched | floor ms | batch sampling ms | host syncs |"
     )
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
+        if r["ms_median"] is None:
+            lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['error']} |")
+            continue
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
             f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
             f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} | "
-            f"{r['sample_ms_per_step']:.2f} |"
+            f"{r['sample_ms_per_step']:.2f} | {r.get('host_syncs_per_step', '-')} |"
         )
     lines += [
         "",
@@ -668,10 +731,10 @@ def format_table(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for q in result["ratios"]:
-        ref = "-" if q["reference_over_ours"] is None else f"{q['reference_over_ours']:.2f}"
-        lines.append(
-            f"| {q['device']} | {q['batch']} | {q['amp']} | {q['joint_over_unimatch']:.2f} | {ref} |"
+        ref, own = (
+            "-" if q[k] is None else f"{q[k]:.2f}" for k in ("reference_over_ours", "joint_over_unimatch")
         )
+        lines.append(f"| {q['device']} | {q['batch']} | {q['amp']} | {own} | {ref} |")
     return "\n".join(lines)
 
 

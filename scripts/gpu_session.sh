@@ -4,6 +4,10 @@
 #   .gpu/{acdc3s,busi30,chaos3}.npz   samatch data pack ... (commands in docs/results.md)
 #   .gpu/lite_medsam_fp16.pth        LiteMedSAM weights rounded to fp16 (carry limit)
 #   OUT=/some/dir bash scripts/gpu_session.sh
+# PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a second step
+# benchmark: channels-last and LoRA in the encoder). The training parts need the packs, the bench
+# parts only the weights and .gpu/whl. END=<epoch seconds> stops the benchmarks in time (SIGINT: the
+# benchmark saves the finished cases).
 # QUICK=1 makes every part tiny (a CPU rehearsal of the script itself; numbers meaningless).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +16,7 @@ R=runs/gpu_session
 PY=${PY:-python3}
 QUICK=${QUICK:-0}
 MIN=${MIN:-1.0}
+PARTS=${PARTS:-bench busi chaos acdc}
 mkdir -p "$R" "$OUT"
 export SAM_CKPT=${SAM_CKPT:-.gpu/lite_medsam_fp16.pth} PY RESULTS=$R
 pack() {  # small files only (no checkpoints), as one archive: nested files do not come back
@@ -25,27 +30,50 @@ report() {  # SAM pseudo-label Dice (GT / predicted boxes, before / after adapta
 if [ "$QUICK" = 1 ]; then
   BENCH=(--quick --batch 1 --steps 1 --device cpu); MIN=0.03; export ITERS=12 BATCH=2; SLICES=4
 else
-  BENCH=(--device cuda --batch 4,12 --steps 10 --warmup 3); SLICES=200
+  BENCH=(--device cuda --batch 4,12 --steps 20 --warmup 5); SLICES=200
 fi
-echo "[$(date +%T)] start"
+echo "[$(date +%T)] start: $PARTS"
 
-# 1. Step benchmark: UniMatch vs joint vs reference, fp32 and bf16, encoder-trainable, a profile.
-"$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp fp32,bf16 --encoder-trainable --profile --sam-checkpoint "$SAM_CKPT" \
-  --out "$R/bench_step.json" > "$R/bench_step.log" 2>&1
-tail -25 "$R/bench_step.log"; pack bench
+bounded() {  # run "$@" until END (SIGINT then), or skip it when under 20 s are left
+  local left=$(( ${END:-$(( $(date +%s) + 36000 ))} - $(date +%s) ))
+  if [ "$left" -lt 20 ]; then echo "[$(date +%T)] skipped (${left} s left): $*"; return 1; fi
+  timeout -s INT "$left" "$@"
+}
+
+bench() {  # 1. Step benchmark: UniMatch vs joint (cached embeddings) vs reference, fp32 and bf16, a profile.
+  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp fp32,bf16 --profile --sam-checkpoint "$SAM_CKPT" \
+    --out "$R/bench_step.json" > "$R/bench_step.log" 2>&1
+  tail -40 "$R/bench_step.log"
+}
+
+bench_more() {  # 1b. The same in channels-last, plus SAM-Match with LoRA in the encoder (no cache).
+  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --channels-last \
+    --encoder-trainable --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_more.json" > "$R/bench_step_more.log" 2>&1
+  tail -25 "$R/bench_step_more.log"
+}
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch
 # at the same iteration count, and SAM's pseudo-label report of the SAM-Match run.
-TASK=busi PACK=${BUSI_PACK:-.gpu/busi30.npz} LABELED=30 METHODS="samatch unimatch" MATCH_ITERS=1 MINUTES_SAMATCH=$MIN \
-  bash scripts/gpu_results.sh
-report busi; pack busi
-TASK=chaos PACK=${CHAOS_PACK:-.gpu/chaos3.npz} LABELED=3 METHODS="samatch unimatch" MATCH_ITERS=1 MINUTES_SAMATCH=$MIN \
-  bash scripts/gpu_results.sh
-report chaos; pack chaos
+busi() {
+  TASK=busi PACK=${BUSI_PACK:-.gpu/busi30.npz} LABELED=30 METHODS="samatch unimatch" MATCH_ITERS=1 \
+    MINUTES_SAMATCH=$MIN bash scripts/gpu_results.sh
+  report busi
+}
+chaos() {
+  TASK=chaos PACK=${CHAOS_PACK:-.gpu/chaos3.npz} LABELED=3 METHODS="samatch unimatch" MATCH_ITERS=1 \
+    MINUTES_SAMATCH=$MIN bash scripts/gpu_results.sh
+  report chaos
+}
 
 # 4. ACDC SAM-Match with SAM refining RV and LV only, then SAM's pseudo-label Dice before / after
 # adaptation with ground-truth and predicted boxes.
-TASK=acdc PACK=${ACDC_PACK:-.gpu/acdc3s.npz} LABELED=3 METHODS=samatch SAM_REFINE=1,3 MINUTES_SAMATCH=$MIN \
-  bash scripts/gpu_results.sh
-report acdc; pack acdc
+acdc() {
+  TASK=acdc PACK=${ACDC_PACK:-.gpu/acdc3s.npz} LABELED=3 METHODS=samatch SAM_REFINE=1,3 MINUTES_SAMATCH=$MIN \
+    bash scripts/gpu_results.sh
+  report acdc
+}
+
+for part in $PARTS; do
+  "$part"; pack "$part"
+done
 echo "[$(date +%T)] done"

@@ -149,3 +149,69 @@ def test_sync_dice_loss_equals_dice_loss():
     for w in (None, weight):
         expected = dice_loss(logits, target, weight_mask=w)
         assert torch.allclose(bench.sync_dice_loss(logits, target, w), expected, atol=1e-6)
+
+
+def fake_time_steps(fail: dict):
+    """A stand-in for bench_step.time_steps: fixed numbers per mode (unimatch 10 ms, joint 12 ms,
+    reference 100 ms) and the exception ``fail`` names for a mode, raised instead of timing it."""
+
+    def run(trainer, steps, warmup):
+        if trainer.method.name == "unimatch":
+            mode = "unimatch"
+        else:
+            mode = "reference" if type(trainer.method) is bench.ReferenceSamMatch else "joint"
+        if mode in fail:
+            raise fail[mode]
+        return {
+            "ms_median": {"unimatch": 10.0, "joint": 12.0, "reference": 100.0}[mode],
+            "gflop": 1.0,
+            "gbytes": 1.0,
+            "sample_ms_per_step": 0.1,
+            "peak_device_mib": None,
+            "peak_rss_delta_mib": 0.0,
+            "encoder_passes_per_step": 0.0,
+            "decoder_passes_per_step": 0.0,
+        }
+
+    return run
+
+
+QUICK = ["--quick", "--device", "cpu", "--batch", "1", "--steps", "1"]
+
+
+@pytest.mark.slow
+def test_a_case_out_of_memory_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    # Prepare: the reference case runs out of memory (as it does at batch 12 on an 80 GB GPU).
+    monkeypatch.setattr(
+        bench, "time_steps", fake_time_steps({"reference": torch.OutOfMemoryError("CUDA OOM")})
+    )
+    out = tmp_path / "bench.json"
+    # Execute
+    assert bench.main([*QUICK, "--out", str(out)]) == 0
+    # Assert: the case is a row that says so; the ratios that need it are None, the others computed.
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["results"]}
+    assert rows["reference"]["ms_median"] is None and "out of memory" in rows["reference"]["error"]
+    assert "floor_ms" not in rows["reference"] and rows["joint"]["floor_ms"] > 0
+    (ratio,) = result["ratios"]
+    assert ratio["joint_over_unimatch"] == pytest.approx(12.0 / 10.0)
+    assert ratio["reference_over_ours"] is None
+    assert "incomplete" not in result
+    assert "out of memory" in bench.format_table(result)
+
+
+@pytest.mark.slow
+def test_a_crash_keeps_the_finished_cases(tmp_path, monkeypatch):
+    # Prepare: the joint case fails with an unexpected error, after the UniMatch case finished.
+    monkeypatch.setattr(bench, "time_steps", fake_time_steps({"joint": RuntimeError("boom")}))
+    out = tmp_path / "bench.json"
+    # Execute
+    with pytest.raises(RuntimeError, match="boom"):
+        bench.main([*QUICK, "--out", str(out)])
+    # Assert: the JSON holds the UniMatch row and says it is incomplete.
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["results"]] == ["unimatch"]
+    assert result["incomplete"] is True
+    assert result["ratios"] == [
+        {"device": "cpu", "batch": 1, "amp": "fp32", "joint_over_unimatch": None, "reference_over_ours": None}
+    ]
