@@ -262,10 +262,8 @@ class PassCounter:
         self.encoder = self.decoder = 0
         self._hooks = [
             sam.image_encoder.register_forward_hook(lambda *a: self._add("encoder")),
-            # Called once per decode by both the folded and the straightforward path.
-            sam.mask_decoder.output_hypernetworks_mlps[0].register_forward_hook(
-                lambda *a: self._add("decoder")
-            ),
+            # Called once per decode by every path (outside a compiled decoder, where hooks stay silent).
+            sam.prompt_encoder.register_forward_hook(lambda *a: self._add("decoder")),
         ]
 
     def _add(self, name):
@@ -312,11 +310,11 @@ def make_config(
     batch: int,
     device: str,
     amp: str = "fp32",
-    channels_last: bool = False,
     encoder_trainable: bool = False,
-    sam_checkpoint: str = "",
-    keep_host_memory: bool = False,
+    settings: dict | None = None,
 ) -> TrainConfig:
+    """The benchmark's config; ``settings`` are further overrides shared by every case (the command
+    line's ``schedule.channels_last``, ``schedule.compile``, ``sam.checkpoint``, ...)."""
     return apply_overrides(
         TrainConfig(),
         {
@@ -326,16 +324,14 @@ def make_config(
             "data.max_val_cases": 1,
             "method.name": method,
             "sam.enclosed": "2>3",
-            "sam.checkpoint": sam_checkpoint,
             # encoder_trainable: LoRA in the image encoder too, so no embedding cache is possible.
             "sam.lora_targets": "encoder+decoder" if encoder_trainable else "decoder",
             "sam.cache_embeddings": not encoder_trainable,
             "schedule.batch_size": batch,
             "schedule.iterations": 100_000,
             "schedule.amp": amp,
-            "schedule.channels_last": channels_last,
-            "schedule.keep_host_memory": keep_host_memory,
             "device": device,
+            **(settings or {}),
         },
     )
 
@@ -426,11 +422,9 @@ def bench_device(
     pool: int,
     log,
     amps: tuple[str, ...] = ("fp32",),
-    channels_last: bool = False,
     encoder_trainable: bool = False,
     profile: bool = False,
-    sam_checkpoint: str = "",
-    keep_host_memory: bool = False,
+    settings: dict | None = None,
     rows: list | None = None,
 ) -> tuple[list, dict | None]:
     """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
@@ -451,17 +445,7 @@ def bench_device(
     for amp in amps:
 
         def conf(method: str, encoder_trainable: bool = False, amp: str = amp) -> TrainConfig:
-            return make_config(
-                method,
-                size,
-                batches[0],
-                device,
-                amp,
-                channels_last,
-                encoder_trainable,
-                sam_checkpoint,
-                keep_host_memory,
-            )
+            return make_config(method, size, batches[0], device, amp, encoder_trainable, settings)
 
         # UniMatch first, then dropped, so its memory does not count in the SAM-Match cases.
         cfg = conf("unimatch")
@@ -621,6 +605,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="schedule.keep_host_memory: the CPU heap keeps freed memory (samatch.hostmem)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="schedule.compile: torch.compile the U-Net and SAM's folded decoder (warm-up pays the compile)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     args = parser.parse_args(argv)
     amps = tuple(a.strip() for a in args.amp.split(",") if a.strip())
@@ -632,6 +621,12 @@ def main(argv: list[str] | None = None) -> int:
         args.steps = args.steps or 2
         args.warmup = 0 if args.warmup is None else args.warmup
     size = args.size or 256
+    settings = {
+        "sam.checkpoint": args.sam_checkpoint,
+        "schedule.channels_last": args.channels_last,
+        "schedule.keep_host_memory": args.keep_host_memory,
+        "schedule.compile": args.compile,
+    }
     batches = [int(b) for b in (args.batch or "4,12").split(",") if b.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -647,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         "size": size,
         "batches": batches,
         "hardware": hardware(),
-        "settings": {},
+        "settings": {"overrides": settings},
         "results": [],
     }
     t_start = time.perf_counter()
@@ -679,11 +674,9 @@ def main(argv: list[str] | None = None) -> int:
                     pool,
                     lambda s: print(s, flush=True),
                     amps=amps,
-                    channels_last=args.channels_last,
                     encoder_trainable=args.encoder_trainable,
                     profile=args.profile,
-                    sam_checkpoint=args.sam_checkpoint,
-                    keep_host_memory=args.keep_host_memory,
+                    settings=settings,
                     rows=rows,
                 )
             finally:

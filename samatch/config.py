@@ -135,6 +135,9 @@ class ScheduleConfig:
     amp: str = "fp32"  # fp32 | bf16 (autocast of the training forward passes; losses stay fp32)
     channels_last: bool = False  # U-Net weights and inputs in channels-last memory format
     keep_host_memory: bool = False  # CPU: reuse freed memory, never give it back (samatch.hostmem)
+    # torch.compile the U-Net and SAM's folded mask decoder: fewer, fused kernels. Each new batch shape
+    # pays a compile first (a minute or more); worth it on a GPU, where the eager step waits on the host.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from samatch.io.base import Case, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
+from samatch.transfer import to_device
 
 
 @dataclass
@@ -37,8 +38,8 @@ class SliceSet:
         (methods that cache per-slice data, like SAM embeddings, look them up by index).
         """
         idx = torch.randint(0, len(self), (batch,), generator=generator)
-        img = self.images[idx].to(device, non_blocking=True)
-        lab = None if self.labels is None else self.labels[idx].to(device, non_blocking=True).long()
+        img = to_device(self.images[idx], device)
+        lab = None if self.labels is None else to_device(self.labels[idx], device).long()
         return img, lab, idx
 
 

@@ -64,6 +64,8 @@ class Trainer:
         self.model = build_unet(cfg).to(self.device)
         if cfg.schedule.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if cfg.schedule.compile:
+            self.model.compile()  # in place: parameter names (checkpoints) unchanged
         self.method = build_method(
             cfg, self.model, self.generator, data=data, device=self.device, **method_extra
         )

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from samatch.transfer import to_device
+
 
 def random_affine(batch: int, generator: torch.Generator, device, max_deg: float = 20.0) -> torch.Tensor:
     """Per-sample 2x3 matrices: rotation in [-max_deg, max_deg] + k*90 degrees, optional flip."""
@@ -25,7 +27,7 @@ def random_affine(batch: int, generator: torch.Generator, device, max_deg: float
     theta = torch.zeros(batch, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
-    return theta.to(device)
+    return to_device(theta, device)
 
 
 def apply_affine(
@@ -53,7 +55,7 @@ def intensity_jitter(image: torch.Tensor, generator: torch.Generator, strength: 
     def factor():
         on = (torch.rand(b, generator=g) < 0.8).float()
         f = 1 + (torch.rand(b, generator=g) * 2 - 1) * strength * on
-        return f.view(b, 1, 1, 1).to(image.device)
+        return to_device(f.view(b, 1, 1, 1), image.device)
 
     mean = image.mean(dim=(1, 2, 3), keepdim=True)
     out = (image * factor()).clamp(0, 1)
@@ -64,8 +66,8 @@ def intensity_jitter(image: torch.Tensor, generator: torch.Generator, strength: 
 def gaussian_blur(image: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Blur each sample with probability p, sigma in [0.1, 2.0] (kernel 7), one grouped conv."""
     b = image.shape[0]
-    sigma = (0.1 + 1.9 * torch.rand(b, generator=generator)).to(image.device)
-    on = (torch.rand(b, generator=generator) < p).to(image.device)
+    sigma = to_device(0.1 + 1.9 * torch.rand(b, generator=generator), image.device)
+    on = to_device(torch.rand(b, generator=generator) < p, image.device)
     x = torch.arange(-3, 4, device=image.device, dtype=image.dtype)
     k1 = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)  # (B, 7)
@@ -95,7 +97,7 @@ def cutmix_box(
         & (xs >= x0.view(-1, 1, 1))
         & (xs < (x0 + bw).view(-1, 1, 1))
     )
-    return (box & on.view(-1, 1, 1)).to(device)
+    return to_device(box & on.view(-1, 1, 1), device)
 
 
 def strong_view(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -4,8 +4,8 @@
 #   .gpu/{acdc3s,busi30,chaos3}.npz   samatch data pack ... (commands in docs/results.md)
 #   .gpu/lite_medsam_fp16.pth        LiteMedSAM weights rounded to fp16 (carry limit)
 #   OUT=/some/dir bash scripts/gpu_session.sh
-# PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a second step
-# benchmark: channels-last and LoRA in the encoder). The training parts need the packs, the bench
+# PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a step
+# benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile). The training parts need the packs, the bench
 # parts only the weights and .gpu/whl. END=<epoch seconds> stops the benchmarks in time (SIGINT: the
 # benchmark saves the finished cases).
 # QUICK=1 makes every part tiny (a CPU rehearsal of the script itself; numbers meaningless).
@@ -50,6 +50,12 @@ bench_more() {  # 1b. The same in channels-last, plus SAM-Match with LoRA in the
   bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --channels-last \
     --encoder-trainable --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_more.json" > "$R/bench_step_more.log" 2>&1
   tail -25 "$R/bench_step_more.log"
+}
+
+bench_compile() {  # 1c. torch.compile'd U-Net and SAM decoder (the warm-up steps pay the compiles).
+  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --compile --profile \
+    --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_compile.json" > "$R/bench_step_compile.log" 2>&1
+  tail -25 "$R/bench_step_compile.log"
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch

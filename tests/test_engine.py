@@ -261,6 +261,23 @@ def test_bf16_autocast_and_channels_last_train_like_fp32(phantom_data):
         )
 
 
+@pytest.mark.slow
+def test_compiled_unet_keeps_its_parameter_names_and_its_function(phantom_data):
+    # Prepare: the same seed and data, the U-Net compiled (schedule.compile) and not.
+    _, data = phantom_data
+    ref = Trainer(tiny_cfg(**{"method.name": "supervised"}), data)
+    comp = Trainer(tiny_cfg(**{"method.name": "supervised", "schedule.compile": True}), data)
+    assert comp.model._compiled_call_impl is not None and ref.model._compiled_call_impl is None
+    # Assert: checkpoints and federation payloads keep their names (compiled in place, no prefix) ...
+    assert list(comp.model.state_dict()) == list(ref.model.state_dict())
+    # Execute: ... and, with the same weights, the compiled network computes the same function.
+    comp.model.load_state_dict(ref.model.state_dict())
+    ref.model.eval(), comp.model.eval()
+    x = data.labeled.images[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(comp.model(x), ref.model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_amp_is_a_clear_error():
     with pytest.raises(ValueError, match="schedule.amp must be fp32 or bf16"):
         tiny_cfg(**{"schedule.amp": "fp8"})

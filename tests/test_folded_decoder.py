@@ -102,6 +102,25 @@ def test_folded_decode_equals_segment_anythings_for_boxes(sam):
     _close(g_folded, g_straight)
 
 
+@pytest.mark.slow
+def test_compiled_folded_decode_equals_the_eager_one(sam):
+    # Prepare: 2 images x 2 boxes; a compiled copy of the decoder's folded path (schedule.compile).
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(2, 256, 64, 64, generator=g)
+    boxes = torch.tensor([[[10.0, 20.0, 120.0, 200.0], [0.0, 0.0, 255.0, 255.0]]] * 2)
+    eager, g_eager = _decode_and_grads(sam, True, emb, boxes)
+    sam.compile_decoder()
+    try:
+        # Execute: the compiled path, twice (the second call runs the cached graph).
+        for _ in range(2):
+            compiled, g_compiled = _decode_and_grads(sam, True, emb, boxes)
+    finally:
+        sam._compiled_fold = None
+    # Assert: the same logits and LoRA gradients, to float32 rounding (fused kernels sum in other orders).
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=2e-4)
+    _close(g_compiled, g_eager)
+
+
 def test_folded_decode_equals_segment_anythings_for_points_and_masks(sam):
     # Mask prompts differ per prompt, so the image tokens are not shared: the other branch.
     g = torch.Generator().manual_seed(2)

@@ -34,13 +34,14 @@ from samatch.models.lora import LoraSettings, add_lora, load_lora_state_dict, lo
 from samatch.models.sam import build_sam
 from samatch.models.tiny_vit import fold_batchnorm
 from samatch.prompts import boxes_from_masks, confident_masks, jitter_boxes, largest_component
+from samatch.transfer import to_device
 
 SAM_GRID = 256
 
 
 def invert_affine(theta: torch.Tensor) -> torch.Tensor:
     """(B, 2, 3) -> the inverse maps, (B, 2, 3)."""
-    a_inv = torch.linalg.inv(theta[:, :, :2])
+    a_inv = torch.linalg.inv_ex(theta[:, :, :2]).inverse  # inv would check for errors: a host sync
     return torch.cat([a_inv, -a_inv @ theta[:, :, 2:]], dim=2)
 
 
@@ -125,7 +126,7 @@ class SamGuidance(torch.nn.Module):
     def embed(self, images: torch.Tensor, name: str | None = None, idx: torch.Tensor | None = None):
         """(B,1,S,S) -> (B,256,64,64), from the cache when it has this set."""
         if name in self.cache and idx is not None:
-            return self.cache[name][idx.to(self.cache[name].device)].float()
+            return self.cache[name][to_device(idx, self.cache[name].device)].float()
         if self.encoder_trainable():
             return self.sam.encode(images)
         with torch.no_grad():
@@ -198,6 +199,8 @@ class SamMatch(UniMatch):
         super().__init__(cfg, model, generator)
         self.guide = SamGuidance(cfg, cfg.model.num_classes)
         self.guide.to(device)
+        if cfg.schedule.compile:
+            self.guide.sam.compile_decoder()
         self.box_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         if cfg.sam.cache_embeddings and data is not None:
             self.guide.build_cache("labeled", data.labeled.images, device)

@@ -108,6 +108,7 @@ class SamGuide(nn.Module):
         # Decode through samatch.models.folded_decoder (same logits, less work); False: segment_anything's
         # transformer as written, the straightforward path kept for tests and the reference benchmark.
         self.folded = True
+        self._compiled_fold = None  # compile_decoder()
         self._normalise = backbone.normalise
         self.image_encoder = backbone.build_encoder()
         self.prompt_encoder = m.PromptEncoder(
@@ -166,7 +167,8 @@ class SamGuide(nn.Module):
         sparse, dense = self.prompt_encoder(points=flat_points, boxes=flat_boxes, masks=flat_masks)
         # sparse (B*K, T, 256), dense (B*K, 256, 64, 64)
         if self.folded and foldable(self.mask_decoder):
-            logits = self._predict_masks_folded(embeddings, sparse, dense, shared=mask_inputs is None)
+            fold = self._compiled_fold or self._predict_masks_folded
+            logits = fold(embeddings, sparse, dense, shared=mask_inputs is None)
         else:
             logits = self._predict_masks(embeddings, sparse, dense)
         return logits.view(b, k, MASK_GRID, MASK_GRID)
@@ -180,6 +182,10 @@ class SamGuide(nn.Module):
     ) -> torch.Tensor:
         """(B, 1|3, H, W) images and prompts as in `decode` -> logits (B, K, 256, 256)."""
         return self.decode(self.encode(images), boxes, points, mask_inputs)
+
+    def compile_decoder(self) -> None:
+        """Decode the folded path through ``torch.compile`` (the same logits to float rounding)."""
+        self._compiled_fold = torch.compile(self._predict_masks_folded)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """(B*K, T, 256) sparse prompt embeddings -> (B*K, 5 + T, 256): SAM's IoU token and 4 mask
