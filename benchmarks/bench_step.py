@@ -274,34 +274,16 @@ class PassCounter:
             h.remove()
 
 
-class SampleTimer:
-    """Time spent drawing batches (``SliceSet.sample``, synchronised on CUDA) while the block runs."""
-
-    def __init__(self, trainer: Trainer):
-        self.sets = [s for s in (trainer.data.labeled, trainer.data.unlabeled) if s is not None]
-        self.cuda = trainer.device.type == "cuda"
-        self.seconds = 0.0
-
-    def _timed(self, sample):
-        def run(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = sample(*args, **kwargs)
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - t0
-            return out
-
-        return run
-
-    def __enter__(self):
-        for s in self.sets:
-            s.sample = self._timed(s.sample)  # an instance attribute shadows the method
-        return self
-
-    def __exit__(self, *exc):
-        for s in self.sets:
-            del s.sample
-        return False
+def sampling_seconds(trainer: Trainer, steps: int) -> float:
+    """Seconds ``steps`` steps' batch draws take on their own (``SliceSet.sample``, as ``Trainer.step``
+    calls it, synchronised on CUDA). Timed apart from the steps: a synchronisation inside a timed step
+    would stop the host from running ahead of the GPU."""
+    sets = [s for s in (trainer.data.labeled, trainer.data.unlabeled) if s is not None]
+    batch = trainer.cfg.schedule.batch_size
+    return synced_seconds(
+        lambda: [s.sample(batch, trainer.generator, trainer.device) for _ in range(steps) for s in sets],
+        trainer.device,
+    )
 
 
 def make_config(
@@ -357,20 +339,23 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     counter = PassCounter(guide.sam) if guide is not None else None
     times = []
-    sampling = SampleTimer(trainer)
-    with RssPeak() as rss, sampling:
+    with RssPeak() as rss:
         for _ in range(steps):
             times.append(synced_seconds(trainer.step, dev) * 1e3)
     if counter is not None:
         counter.remove()
+    # The same number of steps back to back, synchronised once: the host may queue step i + 1 while
+    # the GPU still runs step i, as in training (the engine reads losses back every schedule.log_every steps).
+    pipelined = synced_seconds(lambda: [trainer.step() for _ in range(steps)], dev) * 1e3 / steps
     cost = step_cost(trainer)  # one more step, under FLOP and byte counters
     syncs = host_syncs(trainer)  # and one more on CUDA, counting the host's waits for the device
     return {
         **cost,
         "ms_median": statistics.median(times),
         # Batches come from slices held in memory (a gather and a copy to the device): per step.
-        "sample_ms_per_step": sampling.seconds * 1e3 / steps,
+        "sample_ms_per_step": sampling_seconds(trainer, steps) * 1e3 / steps,
         "ms_all": [round(t, 3) for t in times],
+        "ms_pipelined": pipelined,
         "peak_device_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         "peak_rss_delta_mib": round(rss.delta_mib, 1),
         "encoder_passes_per_step": counter.encoder / steps if counter else 0.0,
@@ -702,17 +687,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_table(result: dict) -> str:
     hdr = (
-        "| device | batch | precision | mode | ms / step | peak device MiB | peak RSS rise MiB "
+        "| device | batch | precision | mode | ms / step | pipelined | peak device MiB | peak RSS rise MiB "
         "| SAM enc / dec passes | GFLOP | GB touched | floor ms | batch sampling ms | host syncs |"
     )
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if r["ms_median"] is None:
             lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['error']} |")
             continue
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
-            f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | {mem} | "
+            f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | "
+            f"{r['ms_pipelined']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
             f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} | "

@@ -5,7 +5,8 @@
 #   .gpu/lite_medsam_fp16.pth        LiteMedSAM weights rounded to fp16 (carry limit)
 #   OUT=/some/dir bash scripts/gpu_session.sh
 # PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a step
-# benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile). The training parts need the packs, the bench
+# benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile,
+# "bench_cl" bf16 in channels-last, eager then compiled). The training parts need the packs, the bench
 # parts only the weights and .gpu/whl. END=<epoch seconds> stops the benchmarks in time (SIGINT: the
 # benchmark saves the finished cases).
 # QUICK=1 makes every part tiny (a CPU rehearsal of the script itself; numbers meaningless).
@@ -56,6 +57,15 @@ bench_compile() {  # 1c. torch.compile'd U-Net and SAM decoder (the warm-up step
   bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --compile --profile \
     --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_compile.json" > "$R/bench_step_compile.log" 2>&1
   tail -25 "$R/bench_step_compile.log"
+}
+
+bench_cl() {  # 1d. bf16 and channels-last (cuDNN's NHWC kernels), eager, then compiled.
+  for c in eager compile; do
+    bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16 --channels-last --profile \
+      $([ $c = compile ] && echo --compile) --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_cl_$c.json" \
+      > "$R/bench_step_cl_$c.log" 2>&1
+    tail -12 "$R/bench_step_cl_$c.log"
+  done
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch

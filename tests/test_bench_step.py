@@ -47,6 +47,7 @@ def test_quick_run_writes_three_modes_and_their_ratios(tmp_path):
         assert math.isfinite(r["ms_median"]) and r["ms_median"] > 0
         assert r["peak_device_mib"] is None
         assert 0 < r["sample_ms_per_step"] < r["ms_median"]
+        assert math.isfinite(r["ms_pipelined"]) and r["ms_pipelined"] > 0
     # The cost structure: cached embeddings in the joint step, four encoder passes in the reference.
     assert rows["joint"]["encoder_passes_per_step"] == 0 and rows["joint"]["decoder_passes_per_step"] == 2
     assert rows["reference"]["encoder_passes_per_step"] == 4
@@ -165,6 +166,7 @@ def fake_time_steps(fail: dict):
         return {
             "ms_median": {"unimatch": 10.0, "joint": 12.0, "reference": 100.0}[mode],
             "gflop": 1.0,
+            "ms_pipelined": 1.0,
             "gbytes": 1.0,
             "sample_ms_per_step": 0.1,
             "peak_device_mib": None,
