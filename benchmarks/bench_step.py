@@ -688,9 +688,9 @@ def main(argv: list[str] | None = None) -> int:
 def format_table(result: dict) -> str:
     hdr = (
         "| device | batch | precision | mode | ms / step | pipelined | peak device MiB | peak RSS rise MiB "
-        "| SAM enc / dec passes | GFLOP | GB touched | floor ms | batch sampling ms | host syncs |"
+        "| SAM enc / dec passes | GFLOP | GB touched | ops | floor ms | batch sampling ms | host syncs |"
     )
-    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
         if r["ms_median"] is None:
             lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['error']} |")
@@ -701,7 +701,8 @@ def format_table(result: dict) -> str:
             f"{r['ms_pipelined']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
-            f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('floor_ms', float('nan')):.0f} | "
+            f"{r['gflop']:.1f} | {r['gbytes']:.1f} | {r.get('ops', '-')} | "
+            f"{r.get('floor_ms', float('nan')):.0f} | "
             f"{r['sample_ms_per_step']:.2f} | {r.get('host_syncs_per_step', '-')} |"
         )
     lines += [

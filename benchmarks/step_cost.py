@@ -22,14 +22,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 class BytesTouched(TorchDispatchMode):
-    """Sums, over every operator except views, the bytes of its tensor inputs and outputs."""
+    """Sums, over every operator except views, the bytes of its tensor inputs and outputs; and counts
+    every operator dispatched, views included (``ops``): each costs the host a dispatch, and on a GPU
+    a step whose kernels are small is bound by these, not by FLOPs or bytes."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self.ops += 1
         if func.is_view:  # a view moves no data
             return out
         ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -39,10 +43,11 @@ class BytesTouched(TorchDispatchMode):
 
 
 def step_cost(trainer) -> dict:
-    """GFLOP and GB (upper bound) of one ``trainer.step()`` (the step does run: it trains once)."""
+    """GFLOP, GB (upper bound) and operators (forward, backward, optimizer) of one ``trainer.step()``
+    (the step does run: it trains once)."""
     with FlopCounterMode(display=False) as flops, BytesTouched() as touched:
         trainer.step()
-    return {"gflop": flops.get_total_flops() / 1e9, "gbytes": touched.bytes / 1e9}
+    return {"gflop": flops.get_total_flops() / 1e9, "gbytes": touched.bytes / 1e9, "ops": touched.ops}
 
 
 def synced_seconds(fn, device: torch.device) -> float:

@@ -87,6 +87,8 @@ def test_step_cost_counts_a_matmul_by_hand():
         y = x + x  # reads 2 x 4000 B, writes 4000 B
         y.view(10, 100)  # a view moves nothing
     assert touched.bytes == 12000
+    assert touched.ops == 2  # the add and the view
+    assert cost["ops"] == 1  # the matmul
     # 10 GFLOP at 100 GFLOP/s = 100 ms; 2 GB at 10 GB/s = 200 ms: the bytes bound.
     assert floor_ms({"gflop": 10, "gbytes": 2}, {"matmul_fp32_gflops": 100, "copy_gbps": 10}) == 200
 
