@@ -177,8 +177,9 @@ def largest_component(
 
 
 def _largest_component(
-    masks: torch.Tensor, connectivity: int = 8, max_iters: int | None = None
+    masks: torch.Tensor, connectivity: int = 8, max_iters: int | None = None, stop_early: bool | None = None
 ) -> torch.Tensor:
+    """:func:`largest_component`; ``stop_early`` None: at the fixed point on the CPU, never on a GPU."""
     if masks.dim() != 4:
         raise ValueError(f"masks must be (B, K, H, W), got shape {tuple(masks.shape)}")
     b, k, h, w = masks.shape
@@ -195,7 +196,8 @@ def _largest_component(
     labels = ids * fgf  # (N, 1, H, W); 0 = background
     # On the CPU, stop at the fixed point (what the remaining iterations would return anyway); on a
     # GPU that test would stall the step on a host sync, so the fixed count runs there.
-    stop_early = masks.device.type == "cpu"
+    if stop_early is None:
+        stop_early = masks.device.type == "cpu"
     for _ in range(max_iters):
         previous = labels
         labels = _propagate(labels, connectivity) * fgf

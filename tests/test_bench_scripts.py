@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["bench_index.py", "bench_step.py", "bench_round.py"])
+@pytest.mark.parametrize("script", ["bench_index.py", "bench_step.py", "bench_round.py", "op_census.py"])
 def test_benchmark_runs_as_a_script(script, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), "--help"],
