@@ -189,3 +189,58 @@ def test_cached_embeddings_step_equals_encoding_every_step():
         for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
             assert float(cached[key]) == pytest.approx(float(plain[key]), rel=2e-2, abs=2e-3), key
     assert float(logs[True][1]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refine", ["", "1,3"])
+def test_one_batched_decode_equals_two_decodes(refine):
+    # Prepare: two SAM-Match trainers from the same seed, joint stage from step 0; one decodes the
+    # unlabeled and the labeled prompts separately. With refine "1,3" the classes differ, so both
+    # decode separately (the batched one must fall back, not mix class sets).
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+    from samatch.methods.sam_guided import SamMatch
+
+    overrides = {
+        "method.name": "samatch",
+        "data.format": "phantom-cardiac",
+        "data.size": 32,
+        "data.labeled": 1,
+        "data.max_unlabeled": 2,
+        "model.base_channels": 4,
+        "schedule.batch_size": 2,
+        "schedule.iterations": 4,
+        "sam.lora_rank": 2,
+        "sam.warmup_fraction": 0.0,
+        "sam.refine_classes": refine,
+        "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
+        "device": "cpu",
+    }
+    logs, lora, decodes = {}, {}, {}
+    for batched in (False, True):
+        cfg = apply_overrides(TrainConfig(), overrides)
+        trainer = Trainer(cfg, build_train_data(cfg))
+        trainer.method.batch_decodes = batched
+        calls = decodes[batched] = []
+        decode = trainer.method.guide.sam.decode
+        trainer.method.guide.sam.decode = lambda emb, *a, _d=decode, _c=calls, **k: (
+            _c.append(emb.shape[0]) or _d(emb, *a, **k)
+        )
+        # Execute: three steps
+        logs[batched] = [trainer.step() for _ in range(3)]
+        lora[batched] = {
+            n: p.detach().clone() for n, p in trainer.method.guide.named_parameters() if p.requires_grad
+        }
+    # Assert: one decode of 2 x 2 images per step when the classes match, else two of 2 images ...
+    assert decodes[False] == [2, 2] * 3
+    assert decodes[True] == ([4] * 3 if refine == "" else [2, 2] * 3)
+    # ... and the same losses and LoRA weights after three steps, to float32 rounding.
+    for plain, fast in zip(logs[False], logs[True], strict=True):
+        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
+            assert float(fast[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-6), key
+    assert float(logs[True][2]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
+    assert lora[True].keys() == lora[False].keys() and len(lora[True]) > 0
+    for name, w in lora[True].items():
+        torch.testing.assert_close(w, lora[False][name], rtol=1e-4, atol=1e-6)
+    assert SamMatch.batch_decodes is True  # the default

@@ -195,6 +195,12 @@ class SamGuidance(torch.nn.Module):
 
 @register("samatch")
 class SamMatch(UniMatch):
+    # A joint step decodes SAM twice: the unlabeled batch's pseudo-label prompts and the labeled batch's
+    # supervised prompts. When both prompt the same classes they go through one decode of 2B images:
+    # the same values, half the decoder's operators (what a GPU step waits on, docs/performance.md).
+    # False: two decodes (kept for the test that compares them).
+    batch_decodes = True
+
     def __init__(self, cfg, model, generator, data=None, device="cpu", **context):
         super().__init__(cfg, model, generator)
         self.guide = SamGuidance(cfg, cfg.model.num_classes)
@@ -226,7 +232,9 @@ class SamMatch(UniMatch):
     def stage(self) -> str:
         return "joint" if self.joint() else "warmup"
 
-    def pseudo_targets(self, pred_u_w, img_u=None, theta_u=None, idx_u=None, **ctx):
+    def pseudo_targets(
+        self, pred_u_w, img_u=None, theta_u=None, idx_u=None, img_x=None, mask_x=None, idx_x=None, **ctx
+    ):
         if not self.joint():
             return super().pseudo_targets(pred_u_w)
         g = self.guide
@@ -238,7 +246,16 @@ class SamMatch(UniMatch):
         masks = confident_masks(probs_raw, self.cfg.method.threshold)  # (B, C-1, S, S)
         boxes, valid = g.boxes(masks, self.cfg.sam.largest_component)
         emb = g.embed(img_u, "unlabeled", idx_u)
-        filled_logits = g.decode(emb, boxes, size, only_refined=True)  # with grad (LoRA)
+        if self.batch_decodes and g.refines_all and mask_x is not None:
+            # The labeled prompts too (aux_losses takes their logits): one decode for both batches.
+            target_x, boxes_x, valid_x = self.labeled_prompts(mask_x)
+            both = g.decode(
+                torch.cat([emb, g.embed(img_x, "labeled", idx_x)]), torch.cat([boxes, boxes_x]), size
+            )
+            filled_logits, logits_x = both.split([emb.shape[0], both.shape[0] - emb.shape[0]])
+            self._labeled_sam = (logits_x, target_x, valid_x)
+        else:
+            filled_logits = g.decode(emb, boxes, size, only_refined=True)  # with grad (LoRA)
         pseudo_raw, conf_raw = g.refine(probs_raw, filled_logits.detach(), valid)
         # SAM learns from confident Match predictions (agreement), on the prompts it was given.
         target = filled_masks(
@@ -259,16 +276,25 @@ class SamMatch(UniMatch):
         conf_u_w = F.grid_sample(conf_raw[:, None], theta_grid, mode="bilinear", align_corners=False)
         return conf_u_w[:, 0], mask_u_w[:, 0].long()
 
-    def aux_losses(self, img_x=None, mask_x=None, idx_x=None, **ctx):
+    def labeled_prompts(self, mask_x: torch.Tensor):
+        """Labels (B, S, S) -> SAM's supervised targets (B, C-1, S, S) bool, their ground-truth boxes
+        randomly jittered (B, C-1, 4), valid (B, C-1)."""
         g = self.guide
-        c = self.cfg.model.num_classes
-        classes = torch.arange(1, c, device=mask_x.device).view(1, -1, 1, 1)
-        target = filled_masks(mask_x[:, None] == classes, g.enclosed)  # (B, C-1, S, S)
+        classes = torch.arange(1, self.cfg.model.num_classes, device=mask_x.device).view(1, -1, 1, 1)
+        target = filled_masks(mask_x[:, None] == classes, g.enclosed)
         boxes, valid = g.boxes(target, largest=False, all_classes=True)
         boxes = jitter_boxes(
             boxes, valid, (SAM_GRID, SAM_GRID), self.cfg.sam.box_jitter, generator=self.box_gen
         )
-        logits = g.decode(g.embed(img_x, "labeled", idx_x), boxes, mask_x.shape[-1])
+        return target, boxes, valid
+
+    def aux_losses(self, img_x=None, mask_x=None, idx_x=None, **ctx):
+        decoded = self.__dict__.pop("_labeled_sam", None)  # set by pseudo_targets when it batched
+        if decoded is None:
+            target, boxes, valid = self.labeled_prompts(mask_x)
+            logits = self.guide.decode(self.guide.embed(img_x, "labeled", idx_x), boxes, mask_x.shape[-1])
+        else:
+            logits, target, valid = decoded
         loss_sam = binary_dice_loss(logits, target.float(), valid) + binary_ce_loss(
             logits, target.float(), valid
         )
