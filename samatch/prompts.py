@@ -176,6 +176,31 @@ def largest_component(
     return _largest_component(masks, connectivity, max_iters)
 
 
+def component_labels(masks: torch.Tensor, connectivity: int = 8):
+    """The labelling iterations of :func:`largest_component`: yields (N, 1, H, W) float labels, first
+    the initial ones (each foreground pixel its flat index + 1, background 0), then those after each
+    iteration, forever (a converged component holds its largest flat index + 1 everywhere).
+
+    masks (B, K, H, W) bool. The caller decides when to stop (a fixed count, or the fixed point).
+    """
+    b, k, h, w = masks.shape
+    n, hw = b * k, h * w
+    fg = (masks != 0).reshape(n, 1, h, w)
+    # max_pool2d needs floating point; float32 holds integers exactly up to 2**24 pixels.
+    dtype = torch.float32 if hw < 2**24 else torch.float64
+    ids = torch.arange(1, hw + 1, device=masks.device, dtype=dtype).view(1, 1, h, w)
+    fgf = fg.to(dtype)
+    labels = ids * fgf  # (N, 1, H, W); 0 = background
+    yield labels
+    while True:
+        labels = _propagate(labels, connectivity) * fgf
+        flat = labels.view(n, hw)
+        # Background holds 0 -> index -1 is clamped to 0 and then masked out by fgf again.
+        jumped = flat.gather(1, (flat.long() - 1).clamp_min(0))
+        labels = torch.maximum(flat, jumped).view(n, 1, h, w) * fgf
+        yield labels
+
+
 def _largest_component(
     masks: torch.Tensor, connectivity: int = 8, max_iters: int | None = None, stop_early: bool | None = None
 ) -> torch.Tensor:
@@ -188,23 +213,14 @@ def _largest_component(
         max_iters = h + w
     if max_iters < 0:
         raise ValueError(f"max_iters must be >= 0, got {max_iters}")
-    fg = (masks != 0).reshape(n, 1, h, w)
-    # max_pool2d needs floating point; float32 holds integers exactly up to 2**24 pixels.
-    dtype = torch.float32 if hw < 2**24 else torch.float64
-    ids = torch.arange(1, hw + 1, device=masks.device, dtype=dtype).view(1, 1, h, w)
-    fgf = fg.to(dtype)
-    labels = ids * fgf  # (N, 1, H, W); 0 = background
     # On the CPU, stop at the fixed point (what the remaining iterations would return anyway); on a
     # GPU that test would stall the step on a host sync, so the fixed count runs there.
     if stop_early is None:
         stop_early = masks.device.type == "cpu"
+    iterations = component_labels(masks, connectivity)
+    labels = next(iterations)
     for _ in range(max_iters):
-        previous = labels
-        labels = _propagate(labels, connectivity) * fgf
-        flat = labels.view(n, hw)
-        # Background holds 0 -> index -1 is clamped to 0 and then masked out by fgf again.
-        jumped = flat.gather(1, (flat.long() - 1).clamp_min(0))
-        labels = torch.maximum(flat, jumped).view(n, 1, h, w) * fgf
+        previous, labels = labels, next(iterations)
         if stop_early and torch.equal(labels, previous):
             break
     flat = labels.view(n, hw).long()  # (N, HW)
