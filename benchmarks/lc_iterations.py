@@ -2,7 +2,7 @@
 
 On a GPU :func:`samatch.prompts.largest_component` runs a fixed number of iterations (a convergence
 test would make the host wait), about ten small kernels each; SAM-Match's pseudo-label prompts use
-``max_iters=64``. This measures, on the training-split label masks of ACDC (RV, myocardium filled
+``max_iters=16``. This measures, on the training-split label masks of ACDC (RV, myocardium filled
 with the LV as SAM prompts it, LV), BUSI (lesions) and CHAOS (liver), the iterations that change a
 mask's labels before its fixed point, at the network size.
 

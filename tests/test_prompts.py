@@ -9,6 +9,7 @@ from samatch.prompts import (
     boxes_from_label,
     boxes_from_masks,
     boxes_from_probs,
+    component_labels,
     jitter_boxes,
     largest_component,
     points_from_masks,
@@ -246,3 +247,16 @@ BAD_OPTIONS = [
 def test_bad_options_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_a_convex_component_converges_in_one_iteration_whatever_its_size():
+    # A 200 x 180 block in a 256 x 256 mask: 3x3 propagation alone would need ~380 iterations. Row
+    # runs give every pixel its row's maximum, column runs then the block's: the label of its last
+    # pixel (row 219, column 199), flat index 219 * 256 + 199, plus 1.
+    mask = _block((256, 256), 20, 219, 20, 199)[None, None]
+    labels = component_labels(mask)
+    first, after_one = next(labels), next(labels)
+    assert first[0, 0, 20, 20] == 20 * 256 + 20 + 1
+    expected = (219 * 256 + 199 + 1) * mask[0, 0].float()
+    assert torch.equal(after_one[0, 0], expected)
+    assert torch.equal(largest_component(mask, max_iters=1), mask)
