@@ -160,7 +160,7 @@ def test_largest_component_matches_scipy_on_random_masks():
 
 
 def test_largest_component_few_iterations_stay_inside_mask():
-    # A 1x12 bar needs several iterations; with none each pixel is its own component and one pixel
+    # A 1x12 bar: with no iteration each pixel is its own component and one pixel
     # (a subset of the bar) is kept, never anything outside.
     mask = _block((3, 12), 1, 1, 0, 11)[None, None]
     assert largest_component(mask, max_iters=0).sum().item() == 1
