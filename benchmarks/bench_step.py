@@ -339,11 +339,13 @@ def time_steps(trainer: Trainer, steps: int, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats(dev)
     counter = PassCounter(guide.sam) if guide is not None else None
     times = []
-    with RssPeak() as rss:
-        for _ in range(steps):
-            times.append(synced_seconds(trainer.step, dev) * 1e3)
-    if counter is not None:
-        counter.remove()
+    try:
+        with RssPeak() as rss:
+            for _ in range(steps):
+                times.append(synced_seconds(trainer.step, dev) * 1e3)
+    finally:
+        if counter is not None:
+            counter.remove()
     # The same number of steps back to back, synchronised once: the host may queue step i + 1 while
     # the GPU still runs step i, as in training (the engine reads losses back every schedule.log_every steps).
     pipelined = synced_seconds(lambda: [trainer.step() for _ in range(steps)], dev) * 1e3 / steps
@@ -421,8 +423,11 @@ def bench_device(
         try:
             r = time_steps(trainer, steps, warmup)
         except torch.OutOfMemoryError as err:
-            _free(device)
             r = {"ms_median": None, "error": f"out of memory: {str(err).splitlines()[0]}"}
+        if r["ms_median"] is None:  # after the except block: its traceback no longer holds the step
+            for left in ("_labeled_sam", "_agreement"):  # what the failed step left for its losses
+                trainer.method.__dict__.pop(left, None)
+            _free(device)
         rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, **r})
         ms = "did not fit" if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
         log(f"  {device} batch {batch:>2} {amp} {mode:<9} {ms}")

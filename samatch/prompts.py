@@ -149,8 +149,8 @@ def largest_component(
     On a GPU the iterations are a fixed count because checking convergence would need a host sync;
     on the CPU the loop stops once an iteration changes nothing (the same result). The default
     H + W is enough for any path of up to H + W pixels. A component that has not converged is seen
-    as several pieces, and only the largest piece is kept: the result is then a subset of the true
-    largest component, never pixels outside the mask.
+    as several pieces, and only the largest piece is kept: the result is then part of one component
+    (perhaps not of the largest, if that one is still in pieces), never pixels outside the mask.
 
     Args:
         masks: (B, K, H, W) bool.
@@ -167,11 +167,13 @@ def largest_component(
 
 
 def _run_ids(fg: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, H, W) long: a number per horizontal run of foreground, unique over all
-    rows and masks, 0 on background."""
-    start = fg.clone()
-    start[..., 1:] &= ~fg[..., :-1]  # foreground whose left neighbour is not (or the first column)
-    return start.flatten().cumsum(0).view(fg.shape) * fg
+    """(N, H, W) bool -> (N, H, W) long >= 1: a number per horizontal run of equal pixels (foreground
+    or background), unique over all rows and masks. Background runs get numbers of their own too,
+    so no one number collects the whole background (on a GPU, one address taking millions of
+    atomic updates in a row)."""
+    start = torch.ones_like(fg)
+    start[..., 1:] = fg[..., 1:] != fg[..., :-1]  # the first column, and wherever the value changes
+    return start.flatten().cumsum(0).view(fg.shape)
 
 
 def component_labels(masks: torch.Tensor, connectivity: int = 8):
@@ -195,7 +197,7 @@ def component_labels(masks: torch.Tensor, connectivity: int = 8):
         if connectivity == 8:  # the diagonal neighbours
             labels = F.max_pool2d(labels, kernel_size=3, stride=1, padding=1) * fgf
         flat = labels.flatten()
-        for ids in runs:  # every pixel takes the maximum of its run (background: bucket 0, masked)
+        for ids in runs:  # every pixel takes the maximum of its run (background runs hold 0)
             best = torch.zeros(n * hw + 1, device=masks.device, dtype=dtype)
             flat = best.scatter_reduce(0, ids, flat, "amax").gather(0, ids)
         labels = flat.view(n, 1, h, w) * fgf

@@ -110,12 +110,15 @@ def test_compiled_folded_decode_equals_the_eager_one(sam):
     boxes = torch.tensor([[[10.0, 20.0, 120.0, 200.0], [0.0, 0.0, 255.0, 255.0]]] * 2)
     eager, g_eager = _decode_and_grads(sam, True, emb, boxes)
     sam.compile_decoder()
+    calls, fold = [], sam._compiled_fold
+    sam._compiled_fold = lambda *a, **k: calls.append(1) or fold(*a, **k)
     try:
         # Execute: the compiled path, twice (the second call runs the cached graph).
         for _ in range(2):
             compiled, g_compiled = _decode_and_grads(sam, True, emb, boxes)
     finally:
         sam._compiled_fold = None
+    assert len(calls) == 2  # decode went through the compiled function
     # Assert: the same logits and LoRA gradients, to float32 rounding (fused kernels sum in other orders).
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=2e-4)
     _close(g_compiled, g_eager)

@@ -145,13 +145,15 @@ def test_largest_component_empty_stays_empty():
     assert not out.any()
 
 
-def test_largest_component_matches_scipy_on_random_masks():
+@pytest.mark.parametrize("connectivity", [8, 4])
+def test_largest_component_matches_scipy_on_random_masks(connectivity):
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(3, 2, 24, 20, generator=g) > 0.55  # many components of random sizes
-    out = largest_component(masks)
+    out = largest_component(masks, connectivity=connectivity)
+    structure = np.ones((3, 3)) if connectivity == 8 else ndimage.generate_binary_structure(2, 1)
     for b in range(3):
         for k in range(2):
-            lab, _ = ndimage.label(masks[b, k].numpy(), structure=np.ones((3, 3)))
+            lab, _ = ndimage.label(masks[b, k].numpy(), structure=structure)
             sizes = np.bincount(lab.ravel())
             sizes[0] = 0
             assert out[b, k].sum().item() == sizes.max()

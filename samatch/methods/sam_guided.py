@@ -144,8 +144,9 @@ class SamGuidance(torch.nn.Module):
         """
         filled = filled_masks(masks, self.enclosed if enclosed is None else enclosed)
         if largest:
-            # 16: twice the most any training mask of ACDC, BUSI or CHAOS needs (benchmarks/lc_iterations.py).
-            filled = largest_component(filled, max_iters=16)
+            # 24: the training masks of ACDC, BUSI and CHAOS need at most 8 iterations, 17 with ragged
+            # borders like an early U-Net's (benchmarks/lc_iterations.py, docs/performance.md).
+            filled = largest_component(filled, max_iters=24)
         boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
         if not all_classes:
             valid = valid & self.refine_mask.to(valid.device)
@@ -236,6 +237,9 @@ class SamMatch(UniMatch):
     def pseudo_targets(
         self, pred_u_w, img_u=None, theta_u=None, idx_u=None, img_x=None, mask_x=None, idx_x=None, **ctx
     ):
+        # What a joint step leaves for aux_losses; a step that failed in between must not pass it on.
+        self.__dict__.pop("_labeled_sam", None)
+        self.__dict__.pop("_agreement", None)
         if not self.joint():
             return super().pseudo_targets(pred_u_w)
         g = self.guide
