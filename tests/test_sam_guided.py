@@ -153,6 +153,23 @@ def test_build_cache_with_cache_dir_encodes_once_across_guides(tmp_path):
         assert g.cache["unlabeled"][:, 0, 0, 0].tolist() == [0.0, 0.25, 0.5]
 
 
+# A tiny SAM-Match run on the cardiac phantom, in the joint stage from step 0.
+TINY_JOINT = {
+    "method.name": "samatch",
+    "data.format": "phantom-cardiac",
+    "data.size": 32,
+    "data.labeled": 1,
+    "data.max_unlabeled": 2,
+    "model.base_channels": 4,
+    "schedule.batch_size": 2,
+    "schedule.iterations": 4,
+    "sam.lora_rank": 2,
+    "sam.warmup_fraction": 0.0,
+    "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
+    "device": "cpu",
+}
+
+
 @pytest.mark.slow
 def test_cached_embeddings_step_equals_encoding_every_step():
     # Prepare: two SAM-Match trainers from the same seed on the same phantom slices, joint stage from
@@ -161,23 +178,9 @@ def test_cached_embeddings_step_equals_encoding_every_step():
     from samatch.data import build_train_data
     from samatch.engine import Trainer
 
-    overrides = {
-        "method.name": "samatch",
-        "data.format": "phantom-cardiac",
-        "data.size": 32,
-        "data.labeled": 1,
-        "data.max_unlabeled": 2,
-        "model.base_channels": 4,
-        "schedule.batch_size": 2,
-        "schedule.iterations": 4,
-        "sam.lora_rank": 2,
-        "sam.warmup_fraction": 0.0,
-        "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
-        "device": "cpu",
-    }
     logs = {}
     for cache in (False, True):
-        cfg = apply_overrides(TrainConfig(), {**overrides, "sam.cache_embeddings": cache})
+        cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.cache_embeddings": cache})
         trainer = Trainer(cfg, build_train_data(cfg))
 
         # Execute: two steps
@@ -202,24 +205,9 @@ def test_one_batched_decode_equals_two_decodes(refine):
     from samatch.engine import Trainer
     from samatch.methods.sam_guided import SamMatch
 
-    overrides = {
-        "method.name": "samatch",
-        "data.format": "phantom-cardiac",
-        "data.size": 32,
-        "data.labeled": 1,
-        "data.max_unlabeled": 2,
-        "model.base_channels": 4,
-        "schedule.batch_size": 2,
-        "schedule.iterations": 4,
-        "sam.lora_rank": 2,
-        "sam.warmup_fraction": 0.0,
-        "sam.refine_classes": refine,
-        "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
-        "device": "cpu",
-    }
     logs, lora, decodes = {}, {}, {}
     for batched in (False, True):
-        cfg = apply_overrides(TrainConfig(), overrides)
+        cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
         trainer = Trainer(cfg, build_train_data(cfg))
         trainer.method.batch_decodes = batched
         calls = decodes[batched] = []
