@@ -144,7 +144,7 @@ def largest_component(
     run of foreground, then of its vertical run (8-connectivity: after a 3x3 maximum for the
     diagonals), so a component converges after about as many iterations as its shape has turns,
     whatever its size: at most 8 on the training masks of ACDC, BUSI and CHAOS at 256 x 256
-    (benchmarks/lc_iterations.py; 134 with 3x3 propagation alone).
+    (benchmarks/lc_iterations.py; up to 134 with the earlier 3x3 propagation and pointer jumping).
 
     On a GPU the iterations are a fixed count because checking convergence would need a host sync;
     on the CPU the loop stops once an iteration changes nothing (the same result). The default
