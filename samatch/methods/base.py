@@ -83,6 +83,10 @@ class Method(nn.Module):
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []
 
+    def discard_step_state(self) -> None:
+        """Drop what one part of a train step keeps for a later part (none here); a step that
+        failed in between must not pass it on to the next."""
+
     def generators(self) -> dict[str, torch.Generator]:
         """Random generators of the method besides the engine's (saved for exact resume)."""
         return {}

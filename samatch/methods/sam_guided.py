@@ -237,9 +237,7 @@ class SamMatch(UniMatch):
     def pseudo_targets(
         self, pred_u_w, img_u=None, theta_u=None, idx_u=None, img_x=None, mask_x=None, idx_x=None, **ctx
     ):
-        # What a joint step leaves for aux_losses; a step that failed in between must not pass it on.
-        self.__dict__.pop("_labeled_sam", None)
-        self.__dict__.pop("_agreement", None)
+        self.discard_step_state()
         if not self.joint():
             return super().pseudo_targets(pred_u_w)
         g = self.guide
@@ -280,6 +278,12 @@ class SamMatch(UniMatch):
         mask_u_w = F.grid_sample(pseudo_raw[:, None].float(), theta_grid, mode="nearest", align_corners=False)
         conf_u_w = F.grid_sample(conf_raw[:, None], theta_grid, mode="bilinear", align_corners=False)
         return conf_u_w[:, 0], mask_u_w[:, 0].long()
+
+    def discard_step_state(self) -> None:
+        """pseudo_targets leaves SAM's labeled logits (when it batched) and the agreement loss for
+        aux_losses."""
+        self.__dict__.pop("_labeled_sam", None)
+        self.__dict__.pop("_agreement", None)
 
     def labeled_prompts(self, mask_x: torch.Tensor):
         """Labels (B, S, S) -> SAM's supervised targets (B, C-1, S, S) bool, their ground-truth boxes
