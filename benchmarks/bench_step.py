@@ -408,14 +408,14 @@ def bench_device(
     warmup: int,
     pool: int,
     log,
+    rows: list,
     amps: tuple[str, ...] = ("fp32",),
     encoder_trainable: bool = False,
     profile: bool = False,
     settings: dict | None = None,
-    rows: list | None = None,
-) -> tuple[list, dict | None]:
-    """Rows for every (precision, batch, mode), plus a profile of the first joint case if asked."""
-    rows = [] if rows is None else rows  # the caller's list fills as cases finish (kept on a crash)
+) -> dict | None:
+    """Appends a row for every (precision, batch, mode) to ``rows`` as each case finishes (so a crash
+    keeps them); returns a profile of the first joint case if asked."""
     prof = None
 
     def record(mode, batch, amp, trainer):
@@ -425,8 +425,7 @@ def bench_device(
         except torch.OutOfMemoryError as err:
             r = {"ms_median": None, "error": f"out of memory: {str(err).splitlines()[0]}"}
         if r["ms_median"] is None:  # after the except block: its traceback no longer holds the step
-            for left in ("_labeled_sam", "_agreement"):  # what the failed step left for its losses
-                trainer.method.__dict__.pop(left, None)
+            trainer.method.discard_step_state()
             _free(device)
         rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, **r})
         ms = "did not fit" if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
@@ -480,7 +479,7 @@ def bench_device(
                 record("joint_enc", b, amp, trainer)
             del trainer
             _free(device)
-    return rows, prof
+    return prof
 
 
 def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
@@ -655,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{dev}: size {size}, batches {batches}, {warmup} warm-up + {steps} timed", flush=True)
             rows: list[dict] = []
             try:
-                _, prof = bench_device(
+                prof = bench_device(
                     dev,
                     size,
                     batches,
@@ -663,11 +662,11 @@ def main(argv: list[str] | None = None) -> int:
                     warmup,
                     pool,
                     lambda s: print(s, flush=True),
+                    rows,
                     amps=amps,
                     encoder_trainable=args.encoder_trainable,
                     profile=args.profile,
                     settings=settings,
-                    rows=rows,
                 )
             finally:
                 result["results"] += rows
