@@ -41,31 +41,24 @@ bounded() {  # run "$@" until END (SIGINT then), or skip it when under 20 s are 
   timeout -s INT "$left" "$@"
 }
 
-bench() {  # 1. Step benchmark: UniMatch vs joint (cached embeddings) vs reference, fp32 and bf16, a profile.
-  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp fp32,bf16 --profile --sam-checkpoint "$SAM_CKPT" \
-    --out "$R/bench_step.json" > "$R/bench_step.log" 2>&1
-  tail -40 "$R/bench_step.log"
+step_bench() {  # step_bench NAME LINES ARGS...: bench_step.py on CUDA, JSON and log under $R, last LINES shown
+  local name=$1 lines=$2
+  shift 2
+  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" "$@" --sam-checkpoint "$SAM_CKPT" \
+    --out "$R/$name.json" > "$R/$name.log" 2>&1
+  tail -"$lines" "$R/$name.log"
 }
 
-bench_more() {  # 1b. The same in channels-last, plus SAM-Match with LoRA in the encoder (no cache).
-  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --channels-last \
-    --encoder-trainable --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_more.json" > "$R/bench_step_more.log" 2>&1
-  tail -25 "$R/bench_step_more.log"
-}
-
-bench_compile() {  # 1c. torch.compile'd U-Net and SAM decoder (the warm-up steps pay the compiles).
-  bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16,fp32 --compile --profile \
-    --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_compile.json" > "$R/bench_step_compile.log" 2>&1
-  tail -25 "$R/bench_step_compile.log"
-}
-
-bench_cl() {  # 1d. bf16 and channels-last (cuDNN's NHWC kernels), eager, then compiled.
-  for c in eager compile; do
-    bounded "$PY" benchmarks/bench_step.py "${BENCH[@]}" --amp bf16 --channels-last --profile \
-      $([ $c = compile ] && echo --compile) --sam-checkpoint "$SAM_CKPT" --out "$R/bench_step_cl_$c.json" \
-      > "$R/bench_step_cl_$c.log" 2>&1
-    tail -12 "$R/bench_step_cl_$c.log"
-  done
+# 1. Step benchmark: UniMatch vs joint (cached embeddings) vs reference, fp32 and bf16, a profile.
+bench() { step_bench bench_step 40 --amp fp32,bf16 --profile; }
+# 1b. The same in channels-last, plus SAM-Match with LoRA in the encoder (no cache).
+bench_more() { step_bench bench_step_more 25 --amp bf16,fp32 --channels-last --encoder-trainable; }
+# 1c. torch.compile'd U-Net and SAM decoder (the warm-up steps pay the compiles).
+bench_compile() { step_bench bench_step_compile 25 --amp bf16,fp32 --compile --profile; }
+# 1d. bf16 and channels-last (cuDNN's NHWC kernels), eager, then compiled.
+bench_cl() {
+  step_bench bench_step_cl_eager 12 --amp bf16 --channels-last --profile
+  step_bench bench_step_cl_compile 12 --amp bf16 --channels-last --profile --compile
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch
