@@ -144,3 +144,45 @@ BAD_OPTIONS = [
 def test_bad_options_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# A fresh process (as a deployed site's ClientApp is, for every message): the app, then a Dice-only
+# evaluation of a model that predicts class 1 everywhere, on an 8 x 8 slice whose left half is class 1.
+DICE_ONLY = """
+import json, sys
+import numpy as np, torch
+import clients.client_app
+from samatch.evaluate import evaluate_cases
+from samatch.io.base import Case, CaseMeta
+
+class Ones(torch.nn.Module):
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        logits[:, 1] = 1.0
+        return logits
+
+label = np.zeros((1, 8, 8), dtype=np.uint8)
+label[:, :, :4] = 1
+case = Case(np.random.rand(1, 8, 8).astype(np.float32), label, CaseMeta("c", "p", "test"))
+rows = evaluate_cases(Ones(), [case], 3, 8, "cpu", distances=False)
+print(json.dumps({"monai": "monai" in sys.modules, "rows": rows}))
+"""
+
+
+def test_dice_only_evaluation_does_not_import_monai():
+    # Execute
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", DICE_ONLY], capture_output=True, text=True, timeout=120, cwd=repo
+    )
+
+    # Assert: class 1: 2 * 32 / (64 + 32) = 2/3; class 2 absent in both: 1.0 (the convention); and
+    # MONAI (3-4 s to import) was not loaded
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["rows"] == [{"case": "c", "dice_1": pytest.approx(2 / 3), "dice_2": 1.0}]
+    assert out["monai"] is False
