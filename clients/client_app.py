@@ -8,7 +8,8 @@ slices, ``num-labeled``, ``num-unlabeled``). ``evaluate``: per-class validation 
 (and ``evaluate-seconds``), by the U-Net alone when this process has not trained the site (no SAM built).
 Under ``keep-global`` the evaluate instruction's arrays are kept in ``context.state`` and the next train
 instruction arrives without arrays (:mod:`federation.kept_global`); a site without the copy replies
-with an error that makes the server send the arrays.
+with an error that makes the server send the arrays. A train instruction flagged ``evaluate-first``
+(:mod:`federation.evaluate_then_train`) is evaluated before training and the reply carries both.
 
 A site whose data cannot be read (missing folder, corrupt file, bad label map: ``DataError`` /
 ``OSError``) replies with an error message naming the site, the file and the problem instead of
@@ -28,6 +29,7 @@ from flwr.supercore import log
 
 from federation import kept_global
 from federation.config import parse_run_config, site_from_node_config
+from federation.evaluate_then_train import EVALUATE_FIRST, EVALUATION
 from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
 from federation.site_state import load_local_round, save_local_round, site_state_folder
@@ -98,6 +100,9 @@ def train(msg: Message, context: Context) -> Message:
                 server_round - 1,
             )
         local = saved or {}
+    evaluation = None
+    if msg.content["config"].get(EVALUATE_FIRST):  # evaluate-then-train: this round's state, untrained
+        evaluation = _evaluation(session, global_state, local)
     state, metrics = train_round(session, global_state, local, server_round, fed)
     if fed.fedbn:  # kept on the site, in fp32 whatever the transport
         keys = sorted(batchnorm_keys(session.trainer.method))
@@ -117,7 +122,18 @@ def train(msg: Message, context: Context) -> Message:
     )
     arrays = pack_record(arrays) if fed.pack_arrays else arrays
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
+    if evaluation is not None:
+        content[EVALUATION] = MetricRecord(evaluation)
     return Message(content=content, reply_to=msg)
+
+
+def _evaluation(session, global_state: dict, local: dict) -> dict[str, float]:
+    """Validation Dice of ``global_state`` (with the site's own tensors ``local``) and the reply's
+    seconds and count."""
+    t0 = time.perf_counter()
+    dice = evaluate_round(session, global_state, local)
+    seconds = time.perf_counter() - t0  # like train-seconds: lets a round's overhead be told from compute
+    return {**dice, "evaluate-seconds": seconds, "num-examples": len(session.trainer.data.val)}
 
 
 @app.evaluate()
@@ -131,8 +147,5 @@ def evaluate(msg: Message, context: Context) -> Message:
         kept_global.keep(context, arrays, str(msg.content["config"][kept_global.KEEP]))
     arrays = from_record(unpack_record(arrays)) if arrays is not None else {}
     global_state = from_wire(arrays, session.site.task, fed.share_adapters)
-    t0 = time.perf_counter()
-    dice = evaluate_round(session, global_state, _local_state(context))
-    seconds = time.perf_counter() - t0  # like train-seconds: lets a round's overhead be told from compute
-    metrics = {**dice, "evaluate-seconds": seconds, "num-examples": len(session.trainer.data.val)}
+    metrics = _evaluation(session, global_state, _local_state(context))
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

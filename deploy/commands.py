@@ -38,9 +38,10 @@ FLOWER_ENV = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
 }
 
-# Run-config settings every deployment run gets: restarts resume (<out-dir>/last.pt) and a message
-# is one packed array instead of one HTTPS object per tensor.
-DEPLOY_RUN_CONFIG = {"resume-from": "auto", "pack-arrays": True}
+# Run-config settings every deployment run gets: restarts resume (<out-dir>/last.pt), a message is one
+# packed array instead of one HTTPS object per tensor, and a round's evaluation and the next round's
+# training are one message per site (each message costs a site a fresh ClientApp process).
+DEPLOY_RUN_CONFIG = {"resume-from": "auto", "pack-arrays": True, "evaluate-then-train": True}
 
 
 def flower_env(flwr_home: Path | None = None, threads: int | None = None) -> dict[str, str]:

@@ -55,6 +55,7 @@ class FederationConfig:
     evaluate_every: int = 1  # federated evaluation every N rounds (0: only after the last round)
     pack_arrays: bool = False  # one byte array per message instead of one object per tensor
     keep_global: bool = True  # sites keep the evaluated global state: the next train message has no arrays
+    evaluate_then_train: bool = False  # round r's evaluate instruction also trains round r+1: one message
     aggregation: str = "mean"  # mean (weighted) | median | trimmed-mean (coordinate-wise, unweighted)
     trim_fraction: float = 0.25  # trimmed-mean: share of sites cut at each end per coordinate
     max_update_norm: float = 10.0  # reject ||update - global|| > this x ||global|| (0: no check)
@@ -96,6 +97,12 @@ class FederationConfig:
             raise ValueError("evaluate-every, max-update-norm and straggler-timeout must be >= 0")
         if self.reply_poll <= 0:
             raise ValueError(f"reply-poll must be > 0 seconds, got {self.reply_poll}")
+        if self.evaluate_then_train and self.fraction_evaluate not in (0.0, self.fraction_train):
+            raise ValueError(
+                "evaluate-then-train sends one message to the sites of both phases: it needs "
+                f"fraction-evaluate == fraction-train (or 0), got {self.fraction_evaluate} and "
+                f"{self.fraction_train}"
+            )
 
     @property
     def last_round(self) -> int:

@@ -4,7 +4,8 @@ A train reply must hold exactly one ArrayRecord (packed or not) with exactly the
 with the global tensor's shape and the dtype the transport implies (float32, or float16 under fp16;
 integer buffers keep their integer dtype), only finite values, non-negative counters, an update
 whose distance from the global state is not absurd (``max-update-norm`` times the global state's
-norm), and one MetricRecord whose counts are finite and non-negative. Evaluation replies need one
+norm), and one MetricRecord whose counts are finite and non-negative (plus, under
+``evaluate-then-train``, the evaluation's, checked as an evaluation reply). Evaluation replies need one
 MetricRecord with finite values and Dice in [0, 1]. Every failure is an :class:`UpdateRejected`
 with a one-line reason, which the strategy logs and records; the reply then counts for nothing.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import RecordDict
 
+from federation.evaluate_then_train import EVALUATION
 from federation.packing import PackError, unpack_record
 
 TRAIN_COUNTS = ("num-examples", "num-labeled", "num-unlabeled")
@@ -118,7 +120,9 @@ def check_train_reply(
         raise UpdateRejected(f"unreadable packed arrays: {exc}") from None
     arrays = {k: v.numpy() for k, v in record.items()}
     check_arrays(arrays, rules)
-    return arrays, check_metrics(content, TRAIN_COUNTS)
+    # Under evaluate-then-train the reply also holds the evaluation, which the strategy checks apart.
+    training = RecordDict({k: v for k, v in content.metric_records.items() if k != EVALUATION})
+    return arrays, check_metrics(training, TRAIN_COUNTS)
 
 
 def check_evaluate_reply(content: RecordDict) -> dict[str, float]:
@@ -130,3 +134,10 @@ def check_evaluate_reply(content: RecordDict) -> dict[str, float]:
     if bad:
         raise UpdateRejected(f"Dice outside [0, 1]: {bad}")
     return metrics
+
+
+def check_evaluation(content: RecordDict) -> dict[str, float]:
+    """The evaluation a train reply carries under evaluate-then-train, checked as an evaluation reply."""
+    if EVALUATION not in content.metric_records:
+        raise UpdateRejected("the train reply carries no evaluation (evaluate-then-train)")
+    return check_evaluate_reply(RecordDict({"metrics": content.metric_records[EVALUATION]}))

@@ -114,6 +114,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_round=fed.evaluates,
         key_sets=key_sets,
         keep_global=fed.keep_global,
+        evaluate_then_train=fed.evaluate_then_train,
         final_round=fed.last_round,
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,

@@ -20,7 +20,11 @@ does the work:
 * ``keep_global`` (:mod:`federation.kept_global`): the evaluate instruction names its arrays by
   digest, and a site whose evaluate reply was accepted gets the next train instruction without
   arrays (the same state); a site that lost its copy is sent the arrays in the same phase;
-  ``history[r]["train-instructions"]`` counts both kinds and the resends.
+  ``history[r]["train-instructions"]`` counts both kinds and the resends;
+* ``evaluate_then_train`` (:mod:`federation.evaluate_then_train`): the evaluate phase of round r
+  (except the last) sends round r + 1's train instructions, flagged to evaluate first; their replies
+  give round r's evaluation and, kept, round r + 1's training, whose phase then sends nothing. One
+  message per site per round.
 
 Aggregated metrics of every round are kept in ``history`` for the server's results.json.
 """
@@ -39,9 +43,16 @@ from flwr.supercore import log
 
 from federation import kept_global
 from federation.aggregate import aggregate_states, lora_average_bias, site_weights
+from federation.evaluate_then_train import EVALUATE_FIRST
 from federation.packing import pack_record
 from federation.state import task_of_keys, to_record
-from federation.validate import UpdateRejected, UpdateRules, check_evaluate_reply, check_train_reply
+from federation.validate import (
+    UpdateRejected,
+    UpdateRules,
+    check_evaluate_reply,
+    check_evaluation,
+    check_train_reply,
+)
 
 
 class FedSAMatch(FedAvg):
@@ -61,6 +72,7 @@ class FedSAMatch(FedAvg):
         key_sets: Iterable[frozenset[str]] = (),
         keep_global: bool = True,
         final_round: int | None = None,
+        evaluate_then_train: bool = False,
         **fedavg_kwargs,
     ) -> None:
         super().__init__(**fedavg_kwargs)
@@ -87,6 +99,9 @@ class FedSAMatch(FedAvg):
         self._kept: dict[int, str] = {}  # node -> digest it holds (its evaluate reply was accepted)
         self._full: dict[int, RecordDict] = {}  # node -> its train instruction with the arrays
         self._train_round = 0
+        self.evaluate_then_train = evaluate_then_train
+        self._train_config = ConfigRecord()
+        self._early: list[Message] | None = None  # next round's train replies, got in this evaluation
 
     # ---- outgoing ----------------------------------------------------------------------------------
     def _encode(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -113,16 +128,27 @@ class FedSAMatch(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        r = server_round + self.round_offset
+        if self._early is not None:  # evaluate-then-train: sent, and answered, in the last evaluation
+            log(INFO, "configure_train: round %d's training came with round %d's evaluation", r, r - 1)
+            return []
+        self._train_config = ConfigRecord(dict(config))
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        return self._train_instructions(r, arrays, config, grid)
+
+    def _train_instructions(
+        self, r: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, evaluate_of: int | None = None
+    ) -> list[Message]:
+        """Round ``r``'s train instructions (FedAvg's sampling, this class's messages); ``evaluate_of``:
+        sent in that round's evaluate phase (evaluate-then-train)."""
         self.reference = {k: v.numpy() for k, v in arrays.items()}
         self._outgoing, self._full = arrays, {}
-        self._train_round = r = server_round + self.round_offset
+        self._train_round = r
         messages = list(super().configure_train(r, self._encode(arrays), config, grid))
-        self.history.setdefault(r, {})["train-instructions"] = {
-            "with-arrays": len(messages) - len(self._full),
-            "kept-global": len(self._full),
-            "resent": 0,
-        }
+        count = {"with-arrays": len(messages) - len(self._full), "kept-global": len(self._full), "resent": 0}
+        if evaluate_of is not None:
+            count["with-evaluation-of-round"] = evaluate_of
+        self.history.setdefault(r, {})["train-instructions"] = count
         return messages
 
     def configure_evaluate(
@@ -134,6 +160,10 @@ class FedSAMatch(FedAvg):
             log(INFO, "configure_evaluate: no federated evaluation this round")
             return []
         self._wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        if self.evaluate_then_train and r < self.final_round:  # round r + 1's training rides along
+            config = ConfigRecord({**self._train_config, EVALUATE_FIRST: True})
+            self._early = []
+            return self._train_instructions(r + 1, arrays, config, grid, evaluate_of=r)
         self._outgoing = arrays
         self._offer = self.keep_global and r < self.final_round  # no train instruction follows the last
         return super().configure_evaluate(r, self._encode(arrays), config, grid)
@@ -253,6 +283,8 @@ class FedSAMatch(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = server_round + self.round_offset
+        if self._early is not None:  # evaluate-then-train: received in round r - 1's evaluation
+            replies, self._early = self._early, None
         accepted, report = self._screen(r, replies, lambda c: check_train_reply(c, self._rules()), "train")
         entry = self.history.setdefault(r, {})
         entry["train-sites"] = report
@@ -306,7 +338,10 @@ class FedSAMatch(FedAvg):
         replies = list(replies)
         if not replies:
             return None
-        accepted, report = self._screen(r, replies, check_evaluate_reply, "evaluate")
+        check = check_evaluate_reply
+        if self._early is not None:  # train replies of round r + 1 that carry round r's evaluation
+            self._early, check = replies, check_evaluation
+        accepted, report = self._screen(r, replies, check, "evaluate")
         self.history.setdefault(r, {})["evaluate-sites"] = report
         for msg, _ in accepted:  # these sites now hold the arrays their instruction named
             node = msg.metadata.src_node_id

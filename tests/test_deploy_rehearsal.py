@@ -81,8 +81,14 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2]
     assert [len(r["train-sites"]["accepted"]) for r in rounds] == [3, 3]
     assert not any(r["train-sites"]["rejected"] or r["train-sites"]["failed"] for r in rounds)
-    # keep-global across real SuperNodes: round 2's training used the contexts' copies of round 1's state
-    assert rounds[1]["train-instructions"] == {"with-arrays": 0, "kept-global": 3, "resent": 0}
+    # evaluate-then-train across real SuperNodes: round 2's training went out with round 1's evaluation
+    assert rounds[1]["train-instructions"] == {
+        "with-arrays": 3,
+        "kept-global": 0,
+        "resent": 0,
+        "with-evaluation-of-round": 1,
+    }
+    assert len(rounds[0]["evaluate-sites"]["accepted"]) == 3
     assert 0.0 <= rounds[-1]["evaluate"]["dice_mean"] <= 1.0
     assert (tmp_path / "run" / "best.pt").is_file() and (
         tmp_path / "coordinator" / "state" / "state.db"
