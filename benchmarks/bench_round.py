@@ -39,10 +39,11 @@ Two parts:
     any process still carrying the private FLWR_HOME, by PID).
   - ``deploy``: the local Deployment Engine rehearsal (:mod:`deploy.rehearsal`: SuperLink with TLS
     and SuperNode authentication, one SuperNode process per site, whose SuperExec starts a
-    ``flwr-clientapp`` process per message) on 127.0.0.1, packed (the deployment's default) and
-    unpacked; every process is stopped afterwards. Plus a probe of what each such ClientApp process
-    pays before it trains: a fresh Python importing the app and building the site's session on the
-    rehearsal's own site folder (median of 3).
+    ``flwr-clientapp`` process per message) on 127.0.0.1, packed and unpacked, and packed with
+    ``evaluate-then-train`` (one message per site per round: the deployment's default); every
+    process is stopped afterwards. Plus a probe of what each such ClientApp process pays before it
+    trains: a fresh Python importing the app and building the site's session on the rehearsal's own
+    site folder (median of 3). ``flwr-run`` also runs once with ``evaluate-then-train``.
 
   ``flwr-run`` and ``deploy`` are read from the run folder's ``results.json`` only: round wall = the
   difference of consecutive rounds' ``seconds``; the sites run concurrently, so training and
@@ -120,10 +121,12 @@ class Case:
     method: str = "unimatch"  # a key of METHODS
     transport: str = "fp32"
     pack: bool = False
+    evaluate_then_train: bool = False  # one message per site per round (federation/evaluate_then_train.py)
 
     @property
     def name(self) -> str:
-        return f"{self.engine} {self.method} {self.transport}{' packed' if self.pack else ''}"
+        joint = " evaluate-then-train" if self.evaluate_then_train else ""
+        return f"{self.engine} {self.method} {self.transport}{' packed' if self.pack else ''}{joint}"
 
 
 # The full benchmark's runs; --quick keeps the first two in-process ones.
@@ -135,8 +138,11 @@ FULL_CASES = (
     Case("inprocess", "samatch-ffa", "fp32"),
     Case("flwr-run", "unimatch", "fp32"),
     Case("flwr-run", "unimatch", "fp16"),
-    Case("deploy", "unimatch", "fp32", pack=True),  # the deployment's default (deploy/commands.py)
+    Case("flwr-run", "unimatch", "fp32", evaluate_then_train=True),
+    Case("deploy", "unimatch", "fp32", pack=True),
     Case("deploy", "unimatch", "fp32"),
+    # the deployment's default (deploy/commands.py)
+    Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
 )
 
 
@@ -162,6 +168,7 @@ class Scale:
             "evaluate-every": 1,
             "transport": case.transport,
             "pack-arrays": case.pack,
+            "evaluate-then-train": case.evaluate_then_train,
             "data.size": self.size,
             "data.labeled": 1,
             "data.max_unlabeled": self.max_unlabeled,
@@ -520,12 +527,20 @@ def stop_leftovers(marker: str) -> list[int]:
 def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seconds") -> list[dict]:
     """Per round from a results.json: wall (``seconds`` differences); train and evaluate on the
     round's critical path (``waves`` x the sites' mean ``train-seconds`` / ``evaluate-seconds``;
-    evaluate None when a round evaluated but the replies carry no seconds); overhead = the rest."""
+    evaluate None when a round evaluated but the replies carry no seconds); overhead = the rest.
+    Under evaluate-then-train a round's training runs in the previous round's evaluation phase, so it
+    counts on that round's critical path."""
     rows, previous = [], 0.0
-    for row in results.get("rounds", []):
+    listed = results.get("rounds", [])
+    ridden = {  # rounds whose train instructions went out with the previous round's evaluation
+        row["round"] for row in listed if "with-evaluation-of-round" in row.get("train-instructions", {})
+    }
+    seconds_of = {row["round"]: float(row.get("train", {}).get("train-seconds", 0.0)) for row in listed}
+    for row in listed:
         wall = row["seconds"] - previous
         previous = row["seconds"]
-        train = waves * float(row.get("train", {}).get("train-seconds", 0.0))
+        r = row["round"]
+        train = waves * ((r not in ridden) * seconds_of[r] + (r + 1 in ridden) * seconds_of.get(r + 1, 0.0))
         seconds = row.get("evaluate", {}).get(evaluate_key, None if "evaluate" in row else 0.0)
         evaluate = None if seconds is None else waves * float(seconds)
         rows.append(
@@ -534,6 +549,7 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
                 "evaluated": "evaluate" in row,
                 # keep-global: whether any site's train instruction carried the arrays this round
                 "train_arrays_down": row.get("train-instructions", {"with-arrays": 1})["with-arrays"] > 0,
+                "train_with_evaluation": r in ridden,  # its instruction was counted in round r - 1
                 "wall_s": wall,
                 "train_s": train,
                 "evaluate_s": evaluate,
@@ -668,14 +684,16 @@ def cold_start(config_json: Path, node_config: dict, threads: int, repeat: int =
 def computed_bytes(payload: dict | None, rounds: list[dict]) -> None:
     """Bytes per site of the engines that are not measured: one reply up, one state down per phase
     (evaluate every round here) whose instruction carried arrays (the server's ``train-instructions``
-    count: under keep-global a train instruction after an evaluation carries none)."""
+    count: under keep-global a train instruction after an evaluation carries none; under
+    evaluate-then-train the evaluation's message is the next round's train instruction)."""
     if payload is None:
         return
     for row in rounds:
-        with_arrays = row["evaluated"] + row["train_arrays_down"]
+        own_train = not row.get("train_with_evaluation", False)
+        with_arrays = row["evaluated"] + (own_train and row["train_arrays_down"])
         row["bytes_per_site"] = {
             "all": {
-                "messages_down": 1 + row["evaluated"],
+                "messages_down": own_train + row["evaluated"],
                 "down_tensor_bytes": with_arrays * payload["tensor_bytes"],
                 "down_payload_bytes": with_arrays * payload["payload_bytes"],
                 "up_tensor_bytes": payload["tensor_bytes"],
@@ -742,15 +760,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def cases_table(cases: list[dict]) -> list[str]:
     lines = [
-        "| engine | method | transport | packed | round wall s | train s | evaluate s | overhead s "
-        "| round 1 wall s | up MB / site | down MB / site |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | method | transport | packed | evaluate-then-train | round wall s | train s | evaluate s "
+        "| overhead s | round 1 wall s | up MB / site | down MB / site |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         s = c["summary"]
         up, down = s.get("up_bytes_per_site"), s.get("down_bytes_per_site")
+        joint = "yes" if c.get("evaluate_then_train") else "no"
         lines.append(
-            f"| {c['engine']} | {c['method']} | {c['transport']} | {'yes' if c['pack'] else 'no'} "
+            f"| {c['engine']} | {c['method']} | {c['transport']} | {'yes' if c['pack'] else 'no'} | {joint} "
             f"| {_fmt(s.get('wall_s'), '.2f')} | {_fmt(s.get('train_s'), '.2f')} "
             f"| {_fmt(s.get('evaluate_s'), '.2f')} | {_fmt(s.get('overhead_s'), '.2f')} "
             f"| {_fmt(s.get('round1_wall_s'), '.1f')} | {_fmt(up and up / MB, '.2f')} "

@@ -183,3 +183,49 @@ def test_results_rounds_from_a_results_json():
     assert rows[2]["bytes_per_site"]["all"]["down_payload_bytes"] == 120  # evaluate only
     assert rows[2]["bytes_per_site"]["all"]["messages_down"] == 2
     assert bench.summarize(rows)["overhead_s"] == 1.5  # warm rounds only: median of 1 and 2
+
+
+def test_results_rounds_under_evaluate_then_train():
+    # Prepare: three rounds evaluated; rounds 2 and 3 were trained by the instructions that went out
+    # with rounds 1's and 2's evaluations, so their training ran inside rounds 1's and 2's wall time.
+    def ridden(r):
+        return {"with-arrays": 2, "kept-global": 0, "resent": 0, "with-evaluation-of-round": r}
+
+    results = {
+        "rounds": [
+            {
+                "round": 1,
+                "seconds": 10.0,
+                "train": {"train-seconds": 2.0},
+                "evaluate": {"evaluate-seconds": 1.0},
+            },
+            {
+                "round": 2,
+                "seconds": 16.0,
+                "train": {"train-seconds": 1.5},
+                "evaluate": {"evaluate-seconds": 0.5},
+                "train-instructions": ridden(1),
+            },
+            {
+                "round": 3,
+                "seconds": 19.0,
+                "train": {"train-seconds": 1.0},
+                "evaluate": {"evaluate-seconds": 0.5},
+                "train-instructions": ridden(2),
+            },
+        ]
+    }
+
+    # Execute: one wave
+    rows = bench.results_rounds(results, waves=1)
+    bench.computed_bytes({"tensor_bytes": 100, "payload_bytes": 120}, rows)
+
+    # Assert: round 1 = its own training + round 2's; round 2 = round 3's; round 3 = none (its last
+    # evaluation went alone); one message down per round after the first
+    assert [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows] == [
+        (10.0, 3.5, 1.0, 5.5),
+        (6.0, 1.0, 0.5, 4.5),
+        (3.0, 0.0, 0.5, 2.5),
+    ]
+    assert [r["bytes_per_site"]["all"]["messages_down"] for r in rows] == [2, 1, 1]
+    assert [r["bytes_per_site"]["all"]["down_payload_bytes"] for r in rows] == [240, 120, 120]
