@@ -76,13 +76,16 @@ def test_conv_transpose_2x2_by_hand_and_against_torch():
         conv.bias.fill_(0.5)
     x = torch.tensor([[[[1.0], [10.0]]]])  # (M=1, H=1, W=2, C=1), channels last
     # Execute
-    out = conv_transpose_2x2(x, conv).reshape(1, 2, 4)
+    out = conv_transpose_2x2(x, conv)  # (1, 1, 2, 2, 2, 1): pixel (i, j), block (a, b), channel
+    assert out.shape == (1, 1, 2, 2, 2, 1)
+    out = out.permute(0, 1, 3, 2, 4, 5).reshape(1, 2, 4)  # the image
     # Assert: each pixel writes value * kernel + bias into its own 2 x 2 block.
     assert out[0].tolist() == [[1.5, 2.5, 10.5, 20.5], [3.5, 4.5, 30.5, 40.5]]
     # And on random data against nn.ConvTranspose2d (channels first).
     conv = nn.ConvTranspose2d(5, 3, kernel_size=2, stride=2)
     x = torch.randn(2, 5, 4, 6)
-    ours = conv_transpose_2x2(x.permute(0, 2, 3, 1), conv).reshape(2, 8, 12, 3).permute(0, 3, 1, 2)
+    ours = conv_transpose_2x2(x.permute(0, 2, 3, 1), conv).permute(0, 1, 3, 2, 4, 5).reshape(2, 8, 12, 3)
+    ours = ours.permute(0, 3, 1, 2)
     torch.testing.assert_close(ours, conv(x).detach(), rtol=1e-5, atol=1e-5)
 
 

@@ -96,8 +96,9 @@ def image_to_tokens(attn: nn.Module, q_img: torch.Tensor, k: torch.Tensor, v: to
     )  # b_q . k: varies over t, kept
     # Scores with the image tokens last, so the softmax over the T tokens runs along contiguous rows.
     a = torch.baddbmm(const, kq, q_img.transpose(1, 2)).view(g, kk, h, t, n).softmax(3)
-    u = torch.einsum("gkthc,dhc->gkhtd", vh, wo.view(d, h, c)).reshape(g, kk, h * t, d)  # out_proj folded
-    return (a.view(g, kk, h * t, n).transpose(2, 3) @ u + bo).reshape(bk, n, d)
+    u = torch.einsum("gkthc,dhc->gkhtd", vh, wo.view(d, h, c)).reshape(bk, h * t, d)  # out_proj folded
+    # One bmm with the bias as its addend: no separate pass over the (BK, N, D) output for the bias.
+    return torch.baddbmm(bo, a.view(bk, h * t, n).transpose(1, 2), u)
 
 
 def per_prompt(keys: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
@@ -135,18 +136,16 @@ def folded_two_way(
     return transformer.norm_final_attn(mask_query + out)[:, 0], keys
 
 
-def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d, interleave: bool = True) -> torch.Tensor:
+def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
     """A kernel-2, stride-2 transposed convolution on channels-last pixels, as one matrix product.
 
-    x (M, H, W, Cin) -> (M, H, 2, W, 2, Cout) (reshape to (M, 2H, 2W, Cout)), or (M, H, W, 2, 2, Cout)
-    without ``interleave``: each input pixel
-    writes its own 2 x 2 output block, ``out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, o, a, b] + bias[o]``.
+    x (..., Cin) pixels -> (..., 2, 2, Cout) output blocks: each input pixel (i, j) writes its own
+    2 x 2 block, ``out[2i+a, 2j+b, o] = sum_c x[i, j, c] W[c, o, a, b] + bias[o]`` at ``[i, j, a, b, o]``
+    (for an (M, H, W, Cin) image, ``.permute(0, 1, 3, 2, 4, 5).reshape(M, 2H, 2W, Cout)`` is the image).
     """
     c_in, c_out = conv.weight.shape[:2]
     w = conv.weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in)  # rows ordered (a, b, o)
-    m, h, wd = x.shape[:3]
-    y = F.linear(x, w, conv.bias.repeat(4)).view(m, h, wd, 2, 2, c_out)
-    return y.permute(0, 1, 3, 2, 4, 5) if interleave else y
+    return F.linear(x, w, conv.bias.repeat(4)).view(*x.shape[:-1], 2, 2, c_out)
 
 
 def upscale_and_read(
@@ -157,17 +156,18 @@ def upscale_and_read(
     keys (BK, grid*grid, D) image tokens (row-major), mask_token (BK, D) -> logits (BK, 4 grid, 4 grid).
     The upscaling (transposed conv, LayerNorm2d, GELU, transposed conv, GELU) runs on pixels with
     channels last, so both convolutions are plain matrix products and the LayerNorm over channels is
-    one fused ``layer_norm``.
+    one fused ``layer_norm``. Every step after the first convolution works per pixel, so the pixels
+    stay in the convolutions' block order ((i, j, a, b, c, d) for the output pixel (4i + 2a + c,
+    4j + 2b + d)) and only the logits, 32x fewer numbers than the features, are put in image order.
     """
     conv1, norm, act1, conv2, act2 = decoder.output_upscaling
     bk = keys.shape[0]
-    x = conv_transpose_2x2(keys.view(bk, grid, grid, -1), conv1).reshape(bk, 2 * grid, 2 * grid, -1)
+    x = conv_transpose_2x2(keys.view(bk, grid, grid, -1), conv1)  # (BK, grid, grid, 2, 2, 64)
     x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-    x = act2(conv_transpose_2x2(x, conv2, interleave=False))  # (BK, 2 grid, 2 grid, 2, 2, 32)
+    x = act2(conv_transpose_2x2(x, conv2))  # (BK, grid, grid, 2, 2, 2, 2, 32)
     hyper = decoder.output_hypernetworks_mlps[0](mask_token)  # (BK, 32)
-    # The 32 weights first, the 2 x 2 interleave after: it then moves 32x fewer numbers.
-    logits = (x.flatten(1, 4) @ hyper[:, :, None]).view(bk, 2 * grid, 2 * grid, 2, 2)
-    return logits.permute(0, 1, 3, 2, 4).reshape(bk, 4 * grid, 4 * grid)
+    logits = (x.flatten(1, 6) @ hyper[:, :, None]).view(bk, grid, grid, 2, 2, 2, 2)  # i, j, a, b, c, d
+    return logits.permute(0, 1, 3, 5, 2, 4, 6).reshape(bk, 4 * grid, 4 * grid)  # rows (i, a, c)
 
 
 def foldable(module: nn.Module) -> bool:

@@ -209,8 +209,10 @@ class SamGuide(nn.Module):
             src = embeddings + dense[:1]  # (B, 256, 64, 64)
         else:
             src = (embeddings.unsqueeze(1) + dense.reshape(b, bk // b, *dense.shape[1:])).flatten(0, 1)
-        image = src.flatten(2).transpose(1, 2)  # (B or B*K, 64*64, 256)
-        pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)  # (1, 64*64, 256)
+        # Row-major tokens: a sum with a transposed view keeps the view's layout, so every LayerNorm
+        # of the image tokens after it (and its backward) would copy its input first.
+        image = src.flatten(2).transpose(1, 2).contiguous()  # (B or B*K, 64*64, 256)
+        pe = self.prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2).contiguous()  # (1, 64*64, 256)
         mask_token, keys = folded_two_way(md.transformer, image, pe, tokens)  # (B*K, 256), (B*K, 4096, 256)
         return upscale_and_read(md, keys, mask_token, EMBED_GRID)
 
