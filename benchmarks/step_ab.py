@@ -1,0 +1,116 @@
+"""Benchmark: the joint SAM-Match step against the UniMatch step, in turns, in one process.
+
+``bench_step.py`` times its cases one after the other, so a machine whose speed drifts (a shared
+CPU, the allocator's state) moves one case and not the other, and their ratio with it (1.2-1.5 from
+run to run on this project's 2-core CPU, docs/performance.md). Here the two trainers (the same
+networks and batch as bench_step's ``unimatch`` and ``joint`` cases) step in turns, UniMatch then
+joint, and each pair gives a ratio; drift that is slow against one pair cancels in it. Prints each
+pair, the median ratio and its spread; the SAM decoder's forward and backward are also timed apart
+(the joint step's batch of prompts: 2B images x (C-1) boxes, LoRA gradients).
+
+    python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
+        [--amp fp32] [--out runs/step_ab.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_step import make_config, make_data  # noqa: E402
+from samatch.engine import Trainer  # noqa: E402
+
+
+def trainer_for(method: str, size: int, batch: int, amp: str) -> Trainer:
+    cfg = make_config(method, size, batch, "cpu", amp)
+    trainer = Trainer(cfg, make_data(cfg, pool=batch))
+    if method == "samatch":
+        trainer.iteration = trainer.method.joint_start()  # past warm-up: the joint step
+    return trainer
+
+
+def seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
+    """SAM decode of 2B images x (C-1) boxes, forward and backward (LoRA gradients), as in a joint step."""
+    guide = trainer.method.guide
+    k = trainer.cfg.model.num_classes - 1
+    emb = torch.randn(2 * batch, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([20.0, 30.0, 150.0, 170.0]).expand(2 * batch, k, 4).contiguous()
+
+    def once():
+        guide.sam.decode(emb, boxes).float().square().mean().backward()
+
+    once()
+    times = [seconds(once) for _ in range(repeat)]
+    guide.sam.zero_grad(set_to_none=True)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--pairs", type=int, default=6, help="timed (UniMatch, joint) pairs")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--amp", default="fp32", help="fp32 or bf16")
+    parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainers = {m: trainer_for(m, args.size, args.batch, args.amp) for m in ("unimatch", "samatch")}
+    for _ in range(args.warmup):
+        for trainer in trainers.values():
+            trainer.step()
+    pairs = []
+    for i in range(args.pairs):
+        uni, joint = (seconds(trainers[m].step) for m in ("unimatch", "samatch"))
+        pairs.append({"unimatch_s": uni, "joint_s": joint, "ratio": joint / uni})
+        print(f"pair {i + 1}: UniMatch {uni:.2f} s, joint {joint:.2f} s, ratio {joint / uni:.2f}", flush=True)
+    decode = decode_seconds(trainers["samatch"], args.batch, repeat=3)
+    ratios = sorted(p["ratio"] for p in pairs)
+    summary = {
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "unimatch_s_median": statistics.median(p["unimatch_s"] for p in pairs),
+        "joint_s_median": statistics.median(p["joint_s"] for p in pairs),
+        "decode_fwd_bwd_s_median": statistics.median(decode),
+    }
+    print(
+        f"joint / UniMatch: median {summary['ratio_median']:.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f})"
+        f" over {len(pairs)} pairs; SAM decode forward + backward {summary['decode_fwd_bwd_s_median']:.2f} s"
+    )
+    result = {
+        "benchmark": "step_ab",
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": vars(args) | {"out": str(args.out)},
+        "pairs": pairs,
+        "decode_fwd_bwd_s": decode,
+        "summary": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
