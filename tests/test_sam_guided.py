@@ -210,6 +210,7 @@ def test_one_batched_decode_equals_two_decodes(refine):
         cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
         trainer = Trainer(cfg, build_train_data(cfg))
         trainer.method.batch_decodes = batched
+        trainer.method.guide.skip_invalid = False  # every prompt decoded: the counts below are fixed
         calls = decodes[batched] = []
         decode = trainer.method.guide.sam.decode
         trainer.method.guide.sam.decode = lambda emb, *a, _d=decode, _c=calls, **k: (
@@ -232,3 +233,42 @@ def test_one_batched_decode_equals_two_decodes(refine):
     for name, w in lora[True].items():
         torch.testing.assert_close(w, lora[False][name], rtol=1e-4, atol=1e-6)
     assert SamMatch.batch_decodes is True  # the default
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refine", ["", "1,3"])
+def test_decoding_only_valid_prompts_gives_the_same_steps(refine):
+    # Prepare: two SAM-Match trainers from the same seed, joint stage from step 0; one decodes every
+    # prompt (as a GPU does), one only the valid ones (the CPU default). With refine "1,3" the
+    # unlabeled prompts of class 2 are invalid by configuration and decoded apart from the labeled.
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+    from samatch.methods.sam_guided import SamGuidance
+
+    logs, lora, prompts = {}, {}, {}
+    for skip in (False, True):
+        cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
+        trainer = Trainer(cfg, build_train_data(cfg))
+        trainer.method.guide.skip_invalid = skip
+        calls = prompts[skip] = []
+        decode = trainer.method.guide.sam.decode
+        trainer.method.guide.sam.decode = lambda emb, boxes, *a, _d=decode, _c=calls, **k: (
+            _c.append(boxes.shape[0] * boxes.shape[1]) or _d(emb, boxes, *a, **k)
+        )
+        # Execute: three steps
+        logs[skip] = [trainer.step() for _ in range(3)]
+        lora[skip] = {
+            n: p.detach().clone() for n, p in trainer.method.guide.named_parameters() if p.requires_grad
+        }
+
+    # Assert: fewer prompts decoded (the phantom's pseudo-labels leave some classes unprompted) ...
+    assert sum(prompts[True]) < sum(prompts[False])
+    # ... and the same losses and LoRA weights after three steps, to float32 rounding.
+    for plain, fast in zip(logs[False], logs[True], strict=True):
+        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
+            assert float(fast[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-6), key
+    assert float(logs[True][2]["loss_sam_agree"]) > 0
+    for name, w in lora[True].items():
+        torch.testing.assert_close(w, lora[False][name], rtol=1e-4, atol=1e-6)
+    assert SamGuidance.skip_invalid is True  # the default

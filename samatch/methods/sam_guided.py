@@ -66,6 +66,10 @@ def ring_probs(filled: torch.Tensor, enclosed: dict[int, tuple[int, ...]]) -> to
 class SamGuidance(torch.nn.Module):
     """The SAM side, usable by the method during training and by the cascade at inference."""
 
+    # On the CPU decode only the prompts that exist (valid); False decodes all, as a GPU does (kept
+    # for the test that compares the two).
+    skip_invalid = True
+
     def __init__(self, cfg, num_classes: int):
         super().__init__()
         sc = cfg.sam
@@ -157,25 +161,49 @@ class SamGuidance(torch.nn.Module):
         return scaled * valid[..., None], valid
 
     def decode(
-        self, emb: torch.Tensor, boxes: torch.Tensor, size: int, only_refined: bool = False, points=None
+        self,
+        emb: torch.Tensor,
+        boxes: torch.Tensor,
+        size: int,
+        only_refined: bool = False,
+        points=None,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Filled-shape logits at network size: (B, C-1, size, size).
 
         ``only_refined``: decode only the classes of ``sam.refine_classes`` (the others get logits 0
         and must be masked out by ``valid``), which saves their share of SAM's decoder.
         ``points``: optional point prompts on the SAM grid, (coords (B, C-1, P, 2), labels (B, C-1, P)).
+        ``valid`` (B, C-1): the prompts that exist; every user of the logits masks the others out, so
+        on the CPU (:attr:`skip_invalid`) only these are decoded and the others get logits 0. A GPU
+        decodes all: choosing by value would make the host wait for the device.
         """
         keep = self.refine_index if only_refined and not self.refines_all else None
         if keep is not None:
             boxes = boxes[:, keep]
             points = None if points is None else (points[0][:, keep], points[1][:, keep])
-        logits = self.sam.decode(emb, boxes, points)  # (B, K, 256, 256)
+            valid = None if valid is None else valid[:, keep]
+        if self.skip_invalid and valid is not None and points is None and emb.device.type == "cpu":
+            logits = self._decode_valid(emb, boxes, valid)
+        else:
+            logits = self.sam.decode(emb, boxes, points)  # (B, K, 256, 256)
         if size != SAM_GRID:
             logits = F.interpolate(logits, size=(size, size), mode="bilinear", align_corners=False)
         if keep is not None:
             full = logits.new_zeros(logits.shape[0], self.refine_mask.numel(), size, size)
             logits = full.index_copy(1, keep, logits)
         return logits
+
+    def _decode_valid(self, emb: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The valid prompts' logits (B, K, 256, 256), each decoded against its own image, 0 elsewhere;
+        all of them decoded when all or none are valid (none: the losses keep their graph)."""
+        b, k = boxes.shape[:2]
+        flat = valid.reshape(-1).nonzero()[:, 0]  # (n,) prompt ids b * K + k
+        if flat.numel() in (0, b * k):
+            return self.sam.decode(emb, boxes)
+        decoded = self.sam.decode(emb[flat // k], boxes.reshape(b * k, 1, 4)[flat])  # (n, 1, 256, 256)
+        full = decoded.new_zeros(b * k, *decoded.shape[2:])
+        return full.index_copy(0, flat, decoded[:, 0]).view(b, k, *decoded.shape[2:])
 
     def refine(self, probs: torch.Tensor, filled_logits: torch.Tensor, valid: torch.Tensor):
         """Match probs (B,C,S,S) + SAM filled logits -> fused pseudo-label (B,S,S), conf (B,S,S)."""
@@ -190,7 +218,7 @@ class SamGuidance(torch.nn.Module):
         probs = logits.float().softmax(1)
         masks = confident_masks(probs, threshold)
         boxes, valid = self.boxes(masks, self.cfg.largest_component)
-        filled = self.decode(self.embed(images), boxes, images.shape[-1], only_refined=True)
+        filled = self.decode(self.embed(images), boxes, images.shape[-1], only_refined=True, valid=valid)
         pseudo, _ = self.refine(probs, filled, valid)
         return F.one_hot(pseudo, self.num_classes).permute(0, 3, 1, 2).float()
 
@@ -253,12 +281,15 @@ class SamMatch(UniMatch):
             # The labeled prompts too (aux_losses takes their logits): one decode for both batches.
             target_x, boxes_x, valid_x = self.labeled_prompts(mask_x)
             both = g.decode(
-                torch.cat([emb, g.embed(img_x, "labeled", idx_x)]), torch.cat([boxes, boxes_x]), size
+                torch.cat([emb, g.embed(img_x, "labeled", idx_x)]),
+                torch.cat([boxes, boxes_x]),
+                size,
+                valid=torch.cat([valid, valid_x]),
             )
             filled_logits, logits_x = both.split([emb.shape[0], both.shape[0] - emb.shape[0]])
             self._labeled_sam = (logits_x, target_x, valid_x)
         else:
-            filled_logits = g.decode(emb, boxes, size, only_refined=True)  # with grad (LoRA)
+            filled_logits = g.decode(emb, boxes, size, only_refined=True, valid=valid)  # with grad (LoRA)
         pseudo_raw, conf_raw = g.refine(probs_raw, filled_logits.detach(), valid)
         # SAM learns from confident Match predictions (agreement), on the prompts it was given.
         target = filled_masks(
@@ -301,7 +332,9 @@ class SamMatch(UniMatch):
         decoded = self.__dict__.pop("_labeled_sam", None)  # set by pseudo_targets when it batched
         if decoded is None:
             target, boxes, valid = self.labeled_prompts(mask_x)
-            logits = self.guide.decode(self.guide.embed(img_x, "labeled", idx_x), boxes, mask_x.shape[-1])
+            logits = self.guide.decode(
+                self.guide.embed(img_x, "labeled", idx_x), boxes, mask_x.shape[-1], valid=valid
+            )
         else:
             logits, target, valid = decoded
         loss_sam = binary_dice_loss(logits, target.float(), valid) + binary_ce_loss(
