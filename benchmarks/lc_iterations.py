@@ -6,7 +6,8 @@ test would make the host wait), about ten small kernels each; SAM-Match's pseudo
 with the LV as SAM prompts it, LV), BUSI (lesions) and CHAOS (liver), the iterations that change a
 mask's labels before its fixed point, at the network size. ``--noise p`` flips each pixel within
 2 pixels of a mask's border with probability p first: ragged edges, holes and islands, like the
-confident masks of a U-Net early in training.
+confident masks of a U-Net early in training. Each row also gives the share of slices in which the
+class is present (``present``).
 
     python benchmarks/lc_iterations.py [--data ../shared/data] [--size 256] [--noise 0.3]
         [--out runs/lc_iterations.json]
@@ -89,6 +90,9 @@ def study(root: Path, size: int, noise: float = 0.0) -> list[dict]:
                     "dataset": name,
                     "class": reader.class_names[c + 1],
                     "masks": int(m.shape[0]),
+                    # slices where the class is present: its share of SAM's ground-truth prompts
+                    # that exist (an absent class's prompt is invalid and skipped on the CPU)
+                    "present": int(m.shape[0]) / int(masks.shape[0]),
                     "median": float(np.median(its)),
                     "p99": float(np.percentile(its, 99)),
                     "max": int(its.max()),

@@ -4,7 +4,8 @@ On a fast GPU the SAM-Match step is bound by the host: every dispatched operator
 Python and dispatcher time, and the kernels of this step are small, so the GPU waits (measured on an
 H100: busy 29 of 97 ms, docs/performance.md). The count does not depend on the device, so this CPU
 tool tells where a GPU step's host time goes, with the GPU's settings: largest-component's fixed
-iteration count (the CPU stops at the fixed point) and foreach optimizers (torch's CUDA default).
+iteration count (the CPU stops at the fixed point), every prompt decoded (the CPU skips invalid ones)
+and foreach optimizers (torch's CUDA default).
 
     python benchmarks/op_census.py [--size 64] [--batch 4] [--out runs/op_census.json]
 
@@ -71,6 +72,7 @@ def census(method: str, size: int, batch: int) -> dict:
     trainer = Trainer(cfg, make_data(cfg, pool=batch))
     if method == "samatch":
         trainer.iteration = trainer.method.joint_start()
+        trainer.method.guide.skip_invalid = False  # a GPU decodes every prompt
     for opt in trainer.optimizers:
         for group in opt.param_groups:
             group["foreach"] = True  # torch's default on CUDA (a loop per tensor on the CPU)

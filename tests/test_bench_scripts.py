@@ -62,3 +62,6 @@ def test_step_ab_pairs_and_summary(tmp_path):
     for p in pairs:
         assert p["unimatch_s"] > 0 and p["ratio"] == pytest.approx(p["joint_s"] / p["unimatch_s"])
     assert result["summary"]["ratio_median"] == pytest.approx((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2)
+    # 2 x 2 images x 3 foreground classes of the cardiac phantom; on the CPU only existing ones decoded
+    assert result["summary"]["prompts_per_step"] == 12
+    assert 0 < result["summary"]["prompts_decoded_per_step"] <= 12
