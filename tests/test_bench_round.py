@@ -146,6 +146,14 @@ def test_clock_counts_nested_calls_once(monkeypatch):
     assert clock.seconds(1, 10) == {"inner": 1.0}
 
 
+def computed_rows(results: dict, waves: int) -> tuple[list[dict], list[tuple]]:
+    """results_rounds + computed_bytes (a payload of 100 tensor / 120 serialised bytes): the rows and
+    their (wall, train, evaluate, overhead) seconds."""
+    rows = bench.results_rounds(results, waves=waves)
+    bench.computed_bytes({"tensor_bytes": 100, "payload_bytes": 120}, rows)
+    return rows, [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows]
+
+
 def test_results_rounds_from_a_results_json():
     # Prepare: three rounds of a parallel engine; round 2 without federated evaluation; round 3's
     # train instructions without arrays (keep-global after an evaluation).
@@ -169,11 +177,10 @@ def test_results_rounds_from_a_results_json():
     }
 
     # Execute: two waves (the sites take turns)
-    rows = bench.results_rounds(results, waves=2)
-    bench.computed_bytes({"tensor_bytes": 100, "payload_bytes": 120}, rows)
+    rows, seconds = computed_rows(results, waves=2)
 
     # Assert
-    assert [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows] == [
+    assert seconds == [
         (10.0, 4.0, 2.0, 4.0),
         (4.0, 3.0, 0.0, 1.0),
         (6.0, 2.0, 2.0, 2.0),
@@ -217,12 +224,11 @@ def test_results_rounds_under_evaluate_then_train():
     }
 
     # Execute: one wave
-    rows = bench.results_rounds(results, waves=1)
-    bench.computed_bytes({"tensor_bytes": 100, "payload_bytes": 120}, rows)
+    rows, seconds = computed_rows(results, waves=1)
 
     # Assert: round 1 = its own training + round 2's; round 2 = round 3's; round 3 = none (its last
     # evaluation went alone); one message down per round after the first
-    assert [(r["wall_s"], r["train_s"], r["evaluate_s"], r["overhead_s"]) for r in rows] == [
+    assert seconds == [
         (10.0, 3.5, 1.0, 5.5),
         (6.0, 1.0, 0.5, 4.5),
         (3.0, 0.0, 0.5, 2.5),

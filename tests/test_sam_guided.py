@@ -194,81 +194,70 @@ def test_cached_embeddings_step_equals_encoding_every_step():
     assert float(logs[True][1]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("refine", ["", "1,3"])
-def test_one_batched_decode_equals_two_decodes(refine):
-    # Prepare: two SAM-Match trainers from the same seed, joint stage from step 0; one decodes the
-    # unlabeled and the labeled prompts separately. With refine "1,3" the classes differ, so both
-    # decode separately (the batched one must fall back, not mix class sets).
+def three_joint_steps(refine: str, batch_decodes: bool, skip_invalid: bool):
+    """A SAM-Match trainer on TINY_JOINT (joint stage from step 0) after three steps: (their logs, the
+    LoRA tensors, (images, prompts) of every decode call)."""
     from samatch.config import TrainConfig, apply_overrides
     from samatch.data import build_train_data
     from samatch.engine import Trainer
+
+    cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
+    trainer = Trainer(cfg, build_train_data(cfg))
+    trainer.method.batch_decodes = batch_decodes
+    trainer.method.guide.skip_invalid = skip_invalid
+    calls = []
+    decode = trainer.method.guide.sam.decode
+    trainer.method.guide.sam.decode = lambda emb, boxes, *a, **k: (
+        calls.append((emb.shape[0], boxes.shape[0] * boxes.shape[1])) or decode(emb, boxes, *a, **k)
+    )
+    logs = [trainer.step() for _ in range(3)]
+    lora = {n: p.detach().clone() for n, p in trainer.method.guide.named_parameters() if p.requires_grad}
+    return logs, lora, calls
+
+
+def assert_same_steps(plain: tuple, fast: tuple) -> None:
+    """The same losses and LoRA weights after three steps, to float32 rounding."""
+    for a, b in zip(plain[0], fast[0], strict=True):
+        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), key
+    assert float(fast[0][2]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
+    assert fast[1].keys() == plain[1].keys() and len(fast[1]) > 0
+    for name, w in fast[1].items():
+        torch.testing.assert_close(w, plain[1][name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("refine", ["", "1,3"])
+def test_one_batched_decode_equals_two_decodes(refine):
+    # Prepare / Execute: three steps of two trainers from the same seed; one decodes the unlabeled and
+    # the labeled prompts separately. With refine "1,3" the classes differ, so both decode separately
+    # (the batched one must fall back, not mix class sets). Every prompt decoded: fixed counts.
     from samatch.methods.sam_guided import SamMatch
 
-    logs, lora, decodes = {}, {}, {}
-    for batched in (False, True):
-        cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
-        trainer = Trainer(cfg, build_train_data(cfg))
-        trainer.method.batch_decodes = batched
-        trainer.method.guide.skip_invalid = False  # every prompt decoded: the counts below are fixed
-        calls = decodes[batched] = []
-        decode = trainer.method.guide.sam.decode
-        trainer.method.guide.sam.decode = lambda emb, *a, _d=decode, _c=calls, **k: (
-            _c.append(emb.shape[0]) or _d(emb, *a, **k)
-        )
-        # Execute: three steps
-        logs[batched] = [trainer.step() for _ in range(3)]
-        lora[batched] = {
-            n: p.detach().clone() for n, p in trainer.method.guide.named_parameters() if p.requires_grad
-        }
+    plain = three_joint_steps(refine, batch_decodes=False, skip_invalid=False)
+    fast = three_joint_steps(refine, batch_decodes=True, skip_invalid=False)
+
     # Assert: one decode of 2 x 2 images per step when the classes match, else two of 2 images ...
-    assert decodes[False] == [2, 2] * 3
-    assert decodes[True] == ([4] * 3 if refine == "" else [2, 2] * 3)
-    # ... and the same losses and LoRA weights after three steps, to float32 rounding.
-    for plain, fast in zip(logs[False], logs[True], strict=True):
-        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
-            assert float(fast[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-6), key
-    assert float(logs[True][2]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
-    assert lora[True].keys() == lora[False].keys() and len(lora[True]) > 0
-    for name, w in lora[True].items():
-        torch.testing.assert_close(w, lora[False][name], rtol=1e-4, atol=1e-6)
+    assert [images for images, _ in plain[2]] == [2, 2] * 3
+    assert [images for images, _ in fast[2]] == ([4] * 3 if refine == "" else [2, 2] * 3)
+    # ... and the same steps
+    assert_same_steps(plain, fast)
     assert SamMatch.batch_decodes is True  # the default
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("refine", ["", "1,3"])
 def test_decoding_only_valid_prompts_gives_the_same_steps(refine):
-    # Prepare: two SAM-Match trainers from the same seed, joint stage from step 0; one decodes every
-    # prompt (as a GPU does), one only the valid ones (the CPU default). With refine "1,3" the
-    # unlabeled prompts of class 2 are invalid by configuration and decoded apart from the labeled.
-    from samatch.config import TrainConfig, apply_overrides
-    from samatch.data import build_train_data
-    from samatch.engine import Trainer
+    # Prepare / Execute: three steps of two trainers from the same seed; one decodes every prompt (as a
+    # GPU does), one only the valid ones (the CPU default). With refine "1,3" the unlabeled prompts of
+    # class 2 are invalid by configuration and decoded apart from the labeled.
     from samatch.methods.sam_guided import SamGuidance
 
-    logs, lora, prompts = {}, {}, {}
-    for skip in (False, True):
-        cfg = apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.refine_classes": refine})
-        trainer = Trainer(cfg, build_train_data(cfg))
-        trainer.method.guide.skip_invalid = skip
-        calls = prompts[skip] = []
-        decode = trainer.method.guide.sam.decode
-        trainer.method.guide.sam.decode = lambda emb, boxes, *a, _d=decode, _c=calls, **k: (
-            _c.append(boxes.shape[0] * boxes.shape[1]) or _d(emb, boxes, *a, **k)
-        )
-        # Execute: three steps
-        logs[skip] = [trainer.step() for _ in range(3)]
-        lora[skip] = {
-            n: p.detach().clone() for n, p in trainer.method.guide.named_parameters() if p.requires_grad
-        }
+    plain = three_joint_steps(refine, batch_decodes=True, skip_invalid=False)
+    fast = three_joint_steps(refine, batch_decodes=True, skip_invalid=True)
 
-    # Assert: fewer prompts decoded (the phantom's pseudo-labels leave some classes unprompted) ...
-    assert sum(prompts[True]) < sum(prompts[False])
-    # ... and the same losses and LoRA weights after three steps, to float32 rounding.
-    for plain, fast in zip(logs[False], logs[True], strict=True):
-        for key in ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio"):
-            assert float(fast[key]) == pytest.approx(float(plain[key]), rel=1e-4, abs=1e-6), key
-    assert float(logs[True][2]["loss_sam_agree"]) > 0
-    for name, w in lora[True].items():
-        torch.testing.assert_close(w, lora[False][name], rtol=1e-4, atol=1e-6)
+    # Assert: fewer prompts decoded (the phantom's pseudo-labels leave some classes unprompted) and
+    # the same steps
+    assert sum(n for _, n in fast[2]) < sum(n for _, n in plain[2])
+    assert_same_steps(plain, fast)
     assert SamGuidance.skip_invalid is True  # the default
