@@ -146,6 +146,17 @@ def test_clock_counts_nested_calls_once(monkeypatch):
     assert clock.seconds(1, 10) == {"inner": 1.0}
 
 
+def round_row(r: int, seconds: float, train: float, evaluate: float | None = None, instructions=None) -> dict:
+    """One round of a results.json: finished at ``seconds``, the sites' mean train (and evaluate)
+    seconds, the server's train-instructions count."""
+    row = {"round": r, "seconds": seconds, "train": {"train-seconds": train}}
+    if evaluate is not None:
+        row["evaluate"] = {"evaluate-seconds": evaluate}
+    if instructions is not None:
+        row["train-instructions"] = instructions
+    return row
+
+
 def computed_rows(results: dict, waves: int) -> tuple[list[dict], list[tuple]]:
     """results_rounds + computed_bytes (a payload of 100 tensor / 120 serialised bytes): the rows and
     their (wall, train, evaluate, overhead) seconds."""
@@ -159,20 +170,9 @@ def test_results_rounds_from_a_results_json():
     # train instructions without arrays (keep-global after an evaluation).
     results = {
         "rounds": [
-            {
-                "round": 1,
-                "seconds": 10.0,
-                "train": {"train-seconds": 2.0},
-                "evaluate": {"evaluate-seconds": 1.0},
-            },
-            {"round": 2, "seconds": 14.0, "train": {"train-seconds": 1.5}},
-            {
-                "round": 3,
-                "seconds": 20.0,
-                "train": {"train-seconds": 1.0},
-                "evaluate": {"evaluate-seconds": 1.0},
-                "train-instructions": {"with-arrays": 0, "kept-global": 2},
-            },
+            round_row(1, 10.0, 2.0, evaluate=1.0),
+            round_row(2, 14.0, 1.5),
+            round_row(3, 20.0, 1.0, evaluate=1.0, instructions={"with-arrays": 0, "kept-global": 2}),
         ]
     }
 
@@ -200,26 +200,9 @@ def test_results_rounds_under_evaluate_then_train():
 
     results = {
         "rounds": [
-            {
-                "round": 1,
-                "seconds": 10.0,
-                "train": {"train-seconds": 2.0},
-                "evaluate": {"evaluate-seconds": 1.0},
-            },
-            {
-                "round": 2,
-                "seconds": 16.0,
-                "train": {"train-seconds": 1.5},
-                "evaluate": {"evaluate-seconds": 0.5},
-                "train-instructions": ridden(1),
-            },
-            {
-                "round": 3,
-                "seconds": 19.0,
-                "train": {"train-seconds": 1.0},
-                "evaluate": {"evaluate-seconds": 0.5},
-                "train-instructions": ridden(2),
-            },
+            round_row(1, 10.0, 2.0, evaluate=1.0),
+            round_row(2, 16.0, 1.5, evaluate=0.5, instructions=ridden(1)),
+            round_row(3, 19.0, 1.0, evaluate=0.5, instructions=ridden(2)),
         ]
     }
 
