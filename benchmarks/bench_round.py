@@ -57,7 +57,8 @@ summaries are medians over rounds 2.. ("warm"); round 1 is reported apart. Asser
 time; CPU timings on a shared machine are noisy (the 1-min load average before and after is kept).
 Results, every round and the hardware go to ``--out`` (JSON); the tables are printed.
 
-    python benchmarks/bench_round.py [--engines inprocess,flwr-run,deploy] [--rounds 4] [--sites 2]
+    python benchmarks/bench_round.py [--engines inprocess,flwr-run,deploy] [--methods unimatch,...]
+        [--rounds 4] [--sites 2]
         [--local-iterations 2] [--size 32] [--base-channels 16] [--repeat 5] [--quick]
         [--out runs/bench_round.json]
 """
@@ -143,6 +144,8 @@ FULL_CASES = (
     Case("deploy", "unimatch", "fp32"),
     # the deployment's default (deploy/commands.py)
     Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
+    # a SAM-Match site: every message's fresh process also builds SAM (its embeddings cached on disk)
+    Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True),
 )
 
 
@@ -827,15 +830,20 @@ def format_table(result: dict) -> str:
     return "\n\n".join("\n".join(p) for p in parts if p)
 
 
-def select_cases(engines: list[str], quick: bool) -> list[Case]:
+def select_cases(engines: list[str], quick: bool, methods: list[str] | None = None) -> list[Case]:
     if quick:
         return [Case("inprocess", "unimatch", "fp32"), Case("inprocess", "unimatch", "fp16")]
-    return [c for c in FULL_CASES if c.engine in engines]
+    return [c for c in FULL_CASES if c.engine in engines and (not methods or c.method in methods)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated: " + ", ".join(ENGINES))
+    parser.add_argument(
+        "--methods",
+        default="",
+        help="comma-separated: only cases of these methods (" + ", ".join(METHODS) + ")",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; quick 2)")
     parser.add_argument("--sites", type=int, default=2, help="sites (default 2: one per core here)")
     parser.add_argument("--local-iterations", type=int, default=None, help="steps per round (2; quick 1)")
@@ -857,6 +865,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not engines or any(e not in ENGINES for e in engines):
         parser.error(f"--engines: expected some of {ENGINES}, got {args.engines!r}")
     args.engines = ["inprocess"] if args.quick else engines
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if any(m not in METHODS for m in args.methods):
+        parser.error(f"--methods: expected some of {list(METHODS)}, got {args.methods!r}")
     args.rounds = args.rounds or (2 if args.quick else 4)
     args.local_iterations = args.local_iterations or (1 if args.quick else 2)
     args.repeat = args.repeat or (1 if args.quick else 5)
@@ -868,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = Scale(args.sites, args.rounds, args.local_iterations, args.size, args.base_channels)
-    cases = select_cases(args.engines, args.quick)
+    cases = select_cases(args.engines, args.quick, args.methods)
     result = {
         "benchmark": "federation_round",
         "command": "python benchmarks/bench_round.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -218,3 +218,12 @@ def test_results_rounds_under_evaluate_then_train():
     ]
     assert [r["bytes_per_site"]["all"]["messages_down"] for r in rows] == [2, 1, 1]
     assert [r["bytes_per_site"]["all"]["down_payload_bytes"] for r in rows] == [240, 120, 120]
+
+
+def test_select_cases_by_engine_and_method():
+    # The SAM-Match deployment case alone; every deploy case without a method filter
+    assert bench.select_cases(["deploy"], quick=False, methods=["samatch-avg"]) == [
+        bench.Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True)
+    ]
+    deploy = bench.select_cases(["deploy"], quick=False)
+    assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 4

@@ -105,6 +105,7 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
         refine_mask=refine_mask,
         refine_index=refine_mask.nonzero()[:, 0],
         refines_all=False,
+        skip_invalid=False,
     )
     boxes = torch.tensor([[[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]])  # (1, 3, 4)
 
@@ -117,6 +118,37 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
     assert some.shape == every.shape == (1, 3, 256, 256)
     assert some[0, :, 0, 0].tolist() == [10.0, 0.0, 50.0]
     assert every[0, :, 0, 0].tolist() == [10.0, 30.0, 50.0]
+
+
+def test_decode_valid_prompts_only_on_cpu():
+    # Prepare: the stub SAM above (a prompt's mask is filled with its box's x0 plus 100 x its image's
+    # embedding value); 2 images x 3 prompts, of which (0, 1) and (1, 0) are invalid.
+    from types import SimpleNamespace
+
+    from samatch.methods.sam_guided import SamGuidance
+
+    calls = []
+
+    def fake_decode(emb, boxes, points=None):  # (B, K, 4) -> (B, K, 256, 256)
+        calls.append((emb.shape[0], tuple(boxes.shape)))
+        value = boxes[..., 0] + 100 * emb[:, None, 0, 0, 0]
+        return value[..., None, None].expand(*boxes.shape[:2], 256, 256).clone()
+
+    stub = SimpleNamespace(sam=SimpleNamespace(decode=fake_decode), refines_all=True, skip_invalid=True)
+    stub._decode_valid = lambda *a: SamGuidance._decode_valid(stub, *a)
+    emb = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 256, 64, 64)
+    boxes = torch.tensor([[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]).expand(2, 3, 4)
+    valid = torch.tensor([[True, False, True], [False, True, True]])
+
+    # Execute
+    out = SamGuidance.decode(stub, emb, boxes, 256, valid=valid)
+    none = SamGuidance.decode(stub, emb, boxes, 256, valid=torch.zeros(2, 3, dtype=torch.bool))
+
+    # Assert: the 4 valid prompts decoded, each with its own image (one prompt per image), in place;
+    # the invalid ones 0. With none valid, all 6 are decoded (the losses keep their graph).
+    assert calls[0] == (4, (4, 1, 4))
+    assert out[:, :, 0, 0].tolist() == [[110.0, 0.0, 150.0], [0.0, 230.0, 250.0]]
+    assert calls[1] == (2, (2, 3, 4)) and none[1, 0, 0, 0] == 210.0
 
 
 def test_build_cache_with_cache_dir_encodes_once_across_guides(tmp_path):
