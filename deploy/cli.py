@@ -147,6 +147,16 @@ def do_run(args: argparse.Namespace) -> int:
 # ---- site ------------------------------------------------------------------------------------------
 
 
+def site_state_dir(state_dir: str, flwr_home: str | None) -> str:
+    """``--state-dir``, or by default ``fedsamatch-site`` in the SuperNode's Flower home (``--flwr-home``,
+    else $FLWR_HOME, else ~/.flwr): without a folder, a SAM-Match site would embed all its slices
+    again in every message, each a fresh process (docs/performance.md)."""
+    if state_dir:
+        return state_dir
+    home = flwr_home or os.environ.get("FLWR_HOME") or "~/.flwr"
+    return str(Path(home).expanduser().resolve() / "fedsamatch-site")
+
+
 def do_supernode(args: argparse.Namespace) -> int:
     site = cmd.SiteSpec(
         args.site_name,
@@ -155,7 +165,7 @@ def do_supernode(args: argparse.Namespace) -> int:
         args.label_map,
         args.splits_file,
         args.site_index,
-        args.state_dir,
+        site_state_dir(args.state_dir, args.flwr_home),
         args.task,
     )
     argv = cmd.supernode_argv(
@@ -269,7 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-map", default="")
     p.add_argument("--splits-file", default="")
     p.add_argument("--site-index", type=int, default=0, help="seeds this site's randomness")
-    p.add_argument("--state-dir", default="", help="site-local folder for FedBN state and SAM embeddings")
+    p.add_argument(
+        "--state-dir",
+        default="",
+        help="site-local folder for FedBN state and SAM embeddings (default: FLWR_HOME/fedsamatch-site)",
+    )
     p.add_argument("--task", default="", help="cross-task federation: this site's task in the run's manifest")
     p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp port (127.0.0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the ClientApp (0: torch's)")

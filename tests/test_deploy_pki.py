@@ -132,6 +132,15 @@ def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
         cmd.SiteSpec("x", 'a"b').node_config()
 
 
+def test_site_state_dir_defaults_to_the_flower_home(tmp_path, monkeypatch):
+    from deploy.cli import site_state_dir
+
+    assert site_state_dir("/var/fl/A", str(tmp_path)) == "/var/fl/A"  # given: kept
+    assert site_state_dir("", str(tmp_path)) == str(tmp_path.resolve() / "fedsamatch-site")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    assert site_state_dir("", None) == str((tmp_path / "home").resolve() / "fedsamatch-site")
+
+
 def test_connection_file_is_read_by_flower(pki, tmp_path, monkeypatch):
     from flwr.cli.flower_config import read_superlink_connection
 
@@ -147,6 +156,7 @@ def test_run_command_always_resumes_and_packs(tmp_path):
     assert argv[1:4] == ["run", str(REPO), "coordinator"]
     first = argv[argv.index("-c") + 1]
     assert 'resume-from="auto"' in first and "pack-arrays=true" in first and str(tmp_path / "out") in first
+    assert "evaluate-then-train=true" in first
     assert argv[-2:] == ["-c", "num-server-rounds=2"]
 
 
