@@ -93,6 +93,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_step import hardware  # noqa: E402
+from deploy.cli import site_state_dir  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from federation.aggregate import aggregate_states  # noqa: E402
@@ -634,7 +635,15 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         leftovers = rehearsal.procs.leftovers()
     total = time.perf_counter() - t0
     site = rehearsal.sites[0]
-    node = {"data-root": str(rehearsal.data_roots[site]), "data-format": "nifti", "site-name": site}
+    # The site's folder as its SuperNode had it by default (deploy.cli.site_state_dir): the probe then
+    # finds the SAM embeddings that the run cached, as the run's later messages did.
+    state = site_state_dir("", str(rehearsal.root / "sites" / site / "flwr-home"))
+    node = {
+        "data-root": str(rehearsal.data_roots[site]),
+        "data-format": "nifti",
+        "site-name": site,
+        "state-dir": state,
+    }
     return {
         "rounds": results_rounds(outcome.results, waves=1),
         "run_seconds": total,
