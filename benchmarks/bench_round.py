@@ -637,7 +637,7 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
     site = rehearsal.sites[0]
     # The site's folder as its SuperNode had it by default (deploy.cli.site_state_dir): the probe then
     # finds the SAM embeddings that the run cached, as the run's later messages did.
-    state = site_state_dir("", str(rehearsal.root / "sites" / site / "flwr-home"))
+    state = site_state_dir("", str(rehearsal.site_homes[site]))
     node = {
         "data-root": str(rehearsal.data_roots[site]),
         "data-format": "nifti",

@@ -149,12 +149,14 @@ def do_run(args: argparse.Namespace) -> int:
 
 def site_state_dir(state_dir: str, flwr_home: str | None) -> str:
     """``--state-dir``, or by default ``fedsamatch-site`` in the SuperNode's Flower home (``--flwr-home``,
-    else $FLWR_HOME, else ~/.flwr): without a folder, a SAM-Match site would embed all its slices
-    again in every message, each a fresh process (docs/performance.md)."""
+    else Flower's own: $FLWR_HOME or ~/.flwr): without a folder, a SAM-Match site would embed all its
+    slices again in every message, each a fresh process (docs/performance.md)."""
     if state_dir:
         return state_dir
-    home = flwr_home or os.environ.get("FLWR_HOME") or "~/.flwr"
-    return str(Path(home).expanduser().resolve() / "fedsamatch-site")
+    from flwr.supercore.utils import get_flwr_home  # here: importing Flower takes 0.4 s, the CLI 0.06 s
+
+    home = Path(flwr_home) if flwr_home else get_flwr_home()
+    return str(home.expanduser().resolve() / "fedsamatch-site")
 
 
 def do_supernode(args: argparse.Namespace) -> int:

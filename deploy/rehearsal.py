@@ -107,6 +107,7 @@ class Rehearsal:
         self.sites = [f"hospital{chr(ord('A') + i)}" for i in range(self.cfg.sites)]
         self.runtime_ports = {site: free_port() for site in self.sites}
         self.data_roots = {site: self.root / "sites" / site / "data" for site in self.sites}
+        self.site_homes = {site: self.root / "sites" / site / "flwr-home" for site in self.sites}
         self.node_ids: dict[str, int] = {}
         self.procs = ProcessSet(self.root / "logs", env=flower_env())
         self.commands: list[str] = []
@@ -238,7 +239,7 @@ class Rehearsal:
             "--restart-delay",
             str(self.cfg.restart_delay),
             "--flwr-home",
-            str(self.root / "sites" / site / "flwr-home"),
+            str(self.site_homes[site]),
         ]
 
     def start_site(self, site: str, data_root: Path | None = None) -> Managed:
