@@ -256,18 +256,22 @@ class RssPeak:
 
 
 class PassCounter:
-    """Counts forward calls of SAM's image encoder and mask decoder (hooks)."""
+    """Counts forward calls of SAM's image encoder and mask decoder, and the prompts decoded (hooks)."""
 
     def __init__(self, sam):
-        self.encoder = self.decoder = 0
+        self.encoder = self.decoder = self.prompts = 0
         self._hooks = [
             sam.image_encoder.register_forward_hook(lambda *a: self._add("encoder")),
             # Called once per decode by every path (outside a compiled decoder, where hooks stay silent).
-            sam.prompt_encoder.register_forward_hook(lambda *a: self._add("decoder")),
+            sam.prompt_encoder.register_forward_hook(self._decoded),
         ]
 
     def _add(self, name):
         setattr(self, name, getattr(self, name) + 1)
+
+    def _decoded(self, module, args, output):
+        self.decoder += 1
+        self.prompts += output[0].shape[0]  # sparse embeddings (prompts, tokens, 256)
 
     def remove(self):
         for h in self._hooks:

@@ -30,8 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_step import make_config, make_data  # noqa: E402
+from benchmarks.bench_step import PassCounter, make_config, make_data  # noqa: E402
+from benchmarks.step_cost import synced_seconds  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def trainer_for(method: str, size: int, batch: int, amp: str) -> Trainer:
@@ -40,12 +43,6 @@ def trainer_for(method: str, size: int, batch: int, amp: str) -> Trainer:
     if method == "samatch":
         trainer.iteration = trainer.method.joint_start()  # past warm-up: the joint step
     return trainer
-
-
-def seconds(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
@@ -59,7 +56,7 @@ def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
         guide.sam.decode(emb, boxes).float().square().mean().backward()
 
     once()
-    times = [seconds(once) for _ in range(repeat)]
+    times = [synced_seconds(once, CPU) for _ in range(repeat)]
     guide.sam.zero_grad(set_to_none=True)
     return times
 
@@ -80,18 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.warmup):
         for trainer in trainers.values():
             trainer.step()
-    decoded = []  # prompts per decode call of the joint trainer
-    guide = trainers["samatch"].method.guide
-    plain_decode = guide.sam.decode
-    guide.sam.decode = lambda emb, boxes, *a, **k: (
-        decoded.append(boxes.shape[0] * boxes.shape[1]) or plain_decode(emb, boxes, *a, **k)
-    )
+    counter = PassCounter(trainers["samatch"].method.guide.sam)  # the prompts the joint steps decode
     pairs = []
     for i in range(args.pairs):
-        uni, joint = (seconds(trainers[m].step) for m in ("unimatch", "samatch"))
+        uni, joint = (synced_seconds(trainers[m].step, CPU) for m in ("unimatch", "samatch"))
         pairs.append({"unimatch_s": uni, "joint_s": joint, "ratio": joint / uni})
         print(f"pair {i + 1}: UniMatch {uni:.2f} s, joint {joint:.2f} s, ratio {joint / uni:.2f}", flush=True)
-    guide.sam.decode = plain_decode
+    counter.remove()
     decode = decode_seconds(trainers["samatch"], args.batch, repeat=3)
     prompts = 2 * args.batch * (trainers["samatch"].cfg.model.num_classes - 1)
     ratios = sorted(p["ratio"] for p in pairs)
@@ -102,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "unimatch_s_median": statistics.median(p["unimatch_s"] for p in pairs),
         "joint_s_median": statistics.median(p["joint_s"] for p in pairs),
         "decode_fwd_bwd_s_median": statistics.median(decode),
-        "prompts_decoded_per_step": sum(decoded) / args.pairs,
+        "prompts_decoded_per_step": counter.prompts / args.pairs,
         "prompts_per_step": prompts,
     }
     print(
