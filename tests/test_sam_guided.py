@@ -1,5 +1,6 @@
 """SAM-Match helpers with hand-computed values; the full step runs in tests/test_federation.py."""
 
+import functools
 import math
 
 import pytest
@@ -226,9 +227,10 @@ def test_cached_embeddings_step_equals_encoding_every_step():
     assert float(logs[True][1]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
 
 
+@functools.cache  # the batched, all-prompts run serves both tests below: it is computed once
 def three_joint_steps(refine: str, batch_decodes: bool, skip_invalid: bool):
     """A SAM-Match trainer on TINY_JOINT (joint stage from step 0) after three steps: (their logs, the
-    LoRA tensors, (images, prompts) of every decode call)."""
+    LoRA tensors, (images, prompts) of every decode call). Read-only: cached."""
     from samatch.config import TrainConfig, apply_overrides
     from samatch.data import build_train_data
     from samatch.engine import Trainer
