@@ -70,14 +70,14 @@ def evaluate_cases(
     units, empty``), in mm where the case has a spacing. Without: one row per case holding
     ``case`` and ``dice_<c>`` only (cheap enough to run during training).
     """
+    if distances:
+        # Imported only here: importing MONAI takes 3-4 s (it loads all its subpackages), which a
+        # deployed site would pay in every evaluation, each a fresh process (docs/performance.md).
+        from samatch.metrics import case_metrics, case_rows
     rows = []
     for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances):
         pred = predict_label(model, case.image, size, device, cascade)
         if distances:
-            # Imported here: importing MONAI takes 3-4 s (it loads all its subpackages), which a
-            # deployed site would pay in every evaluation, each a fresh process (docs/performance.md).
-            from samatch.metrics import case_metrics, case_rows
-
             rows += case_rows(
                 case.meta.case_id, case_metrics(pred, case.label, num_classes, case.meta.spacing)
             )
