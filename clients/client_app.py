@@ -28,7 +28,7 @@ from flwr.common.constant import ErrorCode
 from flwr.supercore import log
 
 from federation import kept_global
-from federation.config import parse_run_config, site_from_node_config
+from federation.config import parse_run_config, site_from_node_config, uncached_sam_warning
 from federation.evaluate_then_train import EVALUATE_FIRST, EVALUATION
 from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
@@ -49,6 +49,9 @@ class SiteDataError(RuntimeError):
 def _session(context: Context, evaluate_only: bool = False):
     cfg, fed = parse_run_config(dict(context.run_config))
     site = site_from_node_config(dict(context.node_config), cfg, fed)
+    warning = None if evaluate_only else uncached_sam_warning(dict(context.node_config), site, cfg)
+    if warning:
+        log(WARNING, "%s", warning)
     try:
         return get_session(site, cfg, evaluate_only), fed
     except SITE_ERRORS as exc:

@@ -535,6 +535,30 @@ def test_manifest_site_from_node_config(tmp_path):
         site_from_node_config({"partition-id": 0, "num-partitions": 3}, cfg, fed)
 
 
+def test_a_deployed_sam_match_site_without_a_state_dir_is_warned():
+    # Prepare: SAM-Match and UniMatch run configs; deployed sites with and without a state-dir, and a
+    # simulated one (its process lives across messages: no warning).
+    from federation.config import uncached_sam_warning
+
+    deployed = {"data-root": "/data/A", "site-name": "hospitalA"}
+    kept = {**deployed, "state-dir": "/var/fl/A"}
+    simulated = {"partition-id": 0, "num-partitions": 2}
+
+    def warning(run_config, node_config):
+        cfg, fed = parse_run_config(run_config)
+        return uncached_sam_warning(node_config, site_from_node_config(node_config, cfg, fed), cfg)
+
+    samatch = {"method.name": "samatch"}
+
+    # Execute / Assert: only the deployed SAM-Match site without a folder for its embeddings
+    assert "site hospitalA: SAM-Match without a node config 'state-dir'" in warning(samatch, deployed)
+    assert warning(samatch, kept) is None
+    assert warning({**samatch, "sam.cache_dir": "/cache"}, deployed) is None  # the run config names one
+    assert warning({**samatch, "sam.cache_embeddings": False}, deployed) is None  # nothing to cache
+    assert warning({"method.name": "unimatch"}, deployed) is None
+    assert warning({**samatch, "data.format": "phantom-cardiac"}, simulated) is None
+
+
 @pytest.mark.parametrize(
     "toml, sites, labeled",
     [("acdc3x1.toml", 3, 1), ("busi3x10.toml", 3, 10), ("chaos3x1.toml", 3, 1)],
