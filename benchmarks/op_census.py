@@ -4,8 +4,8 @@ On a fast GPU the SAM-Match step is bound by the host: every dispatched operator
 Python and dispatcher time, and the kernels of this step are small, so the GPU waits (measured on an
 H100: busy 29 of 97 ms, docs/performance.md). The count does not depend on the device, so this CPU
 tool tells where a GPU step's host time goes, with the GPU's settings: largest-component's fixed
-iteration count (the CPU stops at the fixed point), every prompt decoded (the CPU skips invalid ones)
-and foreach optimizers (torch's CUDA default).
+iteration count (the CPU stops at the fixed point) and every prompt decoded (the CPU skips invalid
+ones); the optimizers run torch's fused kernels on both devices (``fused_optimizer``).
 
     python benchmarks/op_census.py [--size 64] [--batch 4] [--out runs/op_census.json]
 
@@ -73,9 +73,6 @@ def census(method: str, size: int, batch: int) -> dict:
     if method == "samatch":
         trainer.iteration = trainer.method.joint_start()
         trainer.method.guide.skip_invalid = False  # a GPU decodes every prompt
-    for opt in trainer.optimizers:
-        for group in opt.param_groups:
-            group["foreach"] = True  # torch's default on CUDA (a loop per tensor on the CPU)
     trainer.step()
     counter = PartCount()
     fixed_lc = lambda masks, connectivity=8, max_iters=None: _largest_component(  # noqa: E731

@@ -23,6 +23,7 @@ from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
 from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
+from samatch.methods.base import fused_optimizer
 from samatch.models.unet import build_unet
 
 
@@ -72,7 +73,11 @@ class Trainer:
         self.method.to(self.device)
         s = cfg.schedule
         self.optimizer = torch.optim.SGD(
-            self.method.param_groups(s.lr), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            self.method.param_groups(s.lr),
+            lr=s.lr,
+            momentum=s.momentum,
+            weight_decay=s.weight_decay,
+            **fused_optimizer(self.device),
         )
         # Methods with extra trainable parts (SAM-Match's LoRA) bring their own optimizers.
         self.optimizers = [self.optimizer, *self.method.extra_optimizers()]

@@ -104,6 +104,15 @@ def test_step_reports_the_poly_lr_and_sets_it_on_the_optimizer(phantom_data):
     assert all(torch.isfinite(v).all() for v in logs[1].values() if isinstance(v, torch.Tensor))
 
 
+def test_optimizers_run_torch_fused_kernels_where_it_has_them(phantom_data):
+    from samatch.methods.base import fused_optimizer
+
+    cfg, data = phantom_data
+    assert Trainer(cfg, data).optimizer.defaults["fused"] is True  # this CPU
+    assert fused_optimizer("cuda:0") == {"fused": True}
+    assert fused_optimizer("mps") == {}  # torch's default there
+
+
 def state_of(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 

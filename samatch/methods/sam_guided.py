@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from samatch.embedding_cache import EmbeddingStore
 from samatch.fusion import fuse
 from samatch.losses import binary_ce_loss, binary_dice_loss
-from samatch.methods.base import register
+from samatch.methods.base import fused_optimizer, register
 from samatch.methods.match import UniMatch
 from samatch.models.lora import LoraSettings, add_lora, load_lora_state_dict, lora_state_dict
 from samatch.models.sam import build_sam
@@ -243,7 +243,9 @@ class SamMatch(UniMatch):
             if data.unlabeled is not None:
                 self.guide.build_cache("unlabeled", data.unlabeled.images, device)
         params = [p for p in self.guide.parameters() if p.requires_grad]
-        self.sam_optimizer = torch.optim.AdamW(params, lr=cfg.sam.lr, weight_decay=0.01)
+        self.sam_optimizer = torch.optim.AdamW(
+            params, lr=cfg.sam.lr, weight_decay=0.01, **fused_optimizer(device)
+        )
 
     def extra_optimizers(self):
         return [self.sam_optimizer]
