@@ -66,8 +66,8 @@ def evaluate_cases(
 ) -> list[dict]:
     """Rows of per-case, per-class metrics.
 
-    With ``distances``: :func:`samatch.metrics.case_rows` rows (``case, class, dice, hd95, asd,
-    units, empty``), in mm where the case has a spacing. Without: one row per case holding
+    With ``distances``: :func:`samatch.metrics.case_rows` rows (``case, patient, class, dice, hd95,
+    asd, units, empty``), in mm where the case has a spacing. Without: one row per case holding
     ``case`` and ``dice_<c>`` only (cheap enough to run during training).
     """
     if distances:
@@ -78,9 +78,8 @@ def evaluate_cases(
     for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances):
         pred = predict_label(model, case.image, size, device, cascade)
         if distances:
-            rows += case_rows(
-                case.meta.case_id, case_metrics(pred, case.label, num_classes, case.meta.spacing)
-            )
+            metrics = case_metrics(pred, case.label, num_classes, case.meta.spacing)
+            rows += case_rows(case.meta.case_id, metrics, case.meta.patient_id)
         else:
             dice = volume_dice(pred, case.label, num_classes)
             rows.append({"case": case.meta.case_id, **{f"dice_{c}": float(d) for c, d in enumerate(dice, 1)}})

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 METRICS = ("dice", "hd95", "asd")
-CSV_FIELDS = ("case", "class", "dice", "hd95", "asd", "units", "empty")
+CSV_FIELDS = ("case", "patient", "class", "dice", "hd95", "asd", "units", "empty")
 
 
 def _check_inputs(
@@ -121,9 +121,11 @@ def case_metrics(
     return out
 
 
-def case_rows(case_id: str, metrics: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flatten :func:`case_metrics` into rows ``{"case", "class", metric..., "units", "empty"}``."""
-    return [{"case": case_id, "class": c, **m} for c, m in sorted(metrics.items())]
+def case_rows(case_id: str, metrics: dict[int, dict[str, Any]], patient_id: str = "") -> list[dict[str, Any]]:
+    """Flatten :func:`case_metrics` into rows ``{"case", "patient", "class", metric..., "units",
+    "empty"}``; the patient is the case itself when not given."""
+    patient = patient_id or case_id
+    return [{"case": case_id, "patient": patient, "class": c, **m} for c, m in sorted(metrics.items())]
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:

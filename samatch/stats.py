@@ -1,8 +1,12 @@
 """Paired significance tests between runs evaluated on the same cases.
 
-Each run is compared with a reference run by a two-sided Wilcoxon signed-rank test on the per-case
-differences ``run - reference`` over the case ids both runs have. With m non-reference runs, the
+Each run is compared with a reference run by a two-sided Wilcoxon signed-rank test on the paired
+differences ``run - reference`` over the ids both runs have. With m non-reference runs, the
 Bonferroni-adjusted p-value is ``min(1, p * m)``.
+
+The pairs must be independent, so they are patients, not cases: :func:`patient_means` averages a
+patient's cases first (ACDC's ED and ES frames are two volumes of one heart; as two pairs they would
+overstate the evidence). Rows without a patient count as their own patient.
 
 p-values come from ``scipy.stats.wilcoxon(method="auto")`` (behaviour of scipy 1.17, the version we
 test with): the exact null distribution when there are no ties and no zero differences, an
@@ -18,12 +22,13 @@ runs are identical on these cases: statistic 0, p = 1 (scipy would divide by zer
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import wilcoxon
 
-__all__ = ["Comparison", "compare_runs", "format_table"]
+__all__ = ["Comparison", "case_means", "compare_runs", "format_table", "patient_means"]
 
 ZERO_METHODS = ("wilcox", "pratt", "zsplit")
 
@@ -47,6 +52,28 @@ class Comparison:
     p_bonferroni: float
 
 
+def case_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
+    """Rows (``case``, ``class``, ``metric``, ...) -> {case: mean over its classes of ``metric``}."""
+    values: dict[str, list[float]] = {}
+    for r in rows:
+        values.setdefault(str(r["case"]), []).append(float(r[metric]))
+    return {case: float(np.mean(v)) for case, v in values.items()}
+
+
+def patient_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
+    """Rows -> {patient: mean over the patient's cases of the case means}: the values to pair.
+
+    A row's patient is its ``patient`` field, or its case when it has none (files written before
+    the field existed; datasets with one case per patient).
+    """
+    rows = list(rows)
+    patient_of = {str(r["case"]): str(r.get("patient") or r["case"]) for r in rows}
+    by_patient: dict[str, list[float]] = {}
+    for case, mean in case_means(rows, metric).items():
+        by_patient.setdefault(patient_of[case], []).append(mean)
+    return {patient: float(np.mean(v)) for patient, v in by_patient.items()}
+
+
 def _wilcoxon(diffs: np.ndarray, zero_method: str) -> tuple[float, float]:
     if diffs.size == 0:
         return math.nan, math.nan
@@ -62,7 +89,8 @@ def compare_runs(
     """Compare every run with ``reference`` on their common cases.
 
     Args:
-        per_case: ``{run_name: {case_id: value}}``, e.g. per-case Dice of each method.
+        per_case: ``{run_name: {id: value}}``, e.g. per-patient Dice of each method
+            (:func:`patient_means`).
         reference: the run the others are compared with; must be a key of ``per_case``.
         zero_method: scipy's handling of zero differences: "wilcox", "pratt" or "zsplit".
 

@@ -34,9 +34,9 @@ Local-only is reported as ``local`` (each case predicted by its own site's model
 alone would deploy) and ``local:<site>`` (one site's model on every case). The SAM-Match guide is not
 used at inference: every arm is scored on its U-Net.
 
-Statistics. Per case, the mean over classes of Dice (and of HD95); a paired two-sided Wilcoxon
-signed-rank test of every arm against ``centralized`` with Bonferroni over the K + 2 comparisons
-(:func:`samatch.stats.compare_runs`).
+Statistics. Per case, the mean over classes of Dice (and of HD95), then per patient the mean over
+its cases; a paired two-sided Wilcoxon signed-rank test over patients of every arm against
+``centralized`` with Bonferroni over the K + 2 comparisons (:func:`samatch.stats.compare_runs`).
 
 Outputs in OUT: ``comparison.md`` (tables), ``compare.json`` (per-case rows, summaries, tests,
 per-round Dice, iteration counts, hardware), ``dice_per_round.png``, ``local_sites.png``, and one
@@ -69,7 +69,7 @@ from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
 from samatch.io.base import Case, DataError
 from samatch.splits import Splits, save_splits
-from simulations.compare_report import REFERENCE, case_means, write_outputs
+from simulations.compare_report import REFERENCE, write_outputs
 from simulations.partition import PARTITIONERS, partition
 
 DEFAULT_METHOD = "samatch"
@@ -382,15 +382,15 @@ def evaluate_arms(
 
 
 def paired_tests(rows_by_arm: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Per metric: Wilcoxon of each arm vs centralized on per-case means, Bonferroni over arms."""
+    """Per metric: Wilcoxon of each arm vs centralized on per-patient means, Bonferroni over arms."""
     from dataclasses import asdict
 
-    from samatch.stats import compare_runs
+    from samatch.stats import compare_runs, patient_means
 
     out = {}
     for metric in METRICS:
-        per_case = {arm: case_means(rows, metric) for arm, rows in rows_by_arm.items()}
-        out[metric] = [asdict(c) for c in compare_runs(per_case, reference=REFERENCE)]
+        per_patient = {arm: patient_means(rows, metric) for arm, rows in rows_by_arm.items()}
+        out[metric] = [asdict(c) for c in compare_runs(per_patient, reference=REFERENCE)]
     return out
 
 

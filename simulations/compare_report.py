@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from samatch.metrics import summarize
+from samatch.stats import case_means
 
 REFERENCE = "centralized"
 DIGITS = {"dice": 3, "hd95": 2}
@@ -23,14 +24,6 @@ def arm_order(arms: list[str]) -> list[str]:
     """centralized, federated, local, then local:<site> in site order."""
     head = [a for a in (REFERENCE, "federated", "local") if a in arms]
     return head + [a for a in arms if a not in head]
-
-
-def case_means(rows: list[dict], metric: str) -> dict[str, float]:
-    """{case: mean over classes of ``metric``} (the values the Wilcoxon tests use)."""
-    values: dict[str, list[float]] = {}
-    for r in rows:
-        values.setdefault(r["case"], []).append(float(r[metric]))
-    return {case: float(np.mean(v)) for case, v in values.items()}
 
 
 def fmt(mean: float, std: float, metric: str) -> str:

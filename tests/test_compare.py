@@ -115,6 +115,8 @@ def test_every_arm_is_scored_on_the_same_cases(run):
 def test_p_values_are_samatch_stats_on_the_recorded_cases(run, metric):
     # Prepare: per-case means over classes, recomputed here from the recorded rows
     arms = run.result["arms"]
+    # The rows name each case's patient; a phantom patient has one volume, so patients pair as cases.
+    assert all(r["patient"] == r["case"] for entry in arms.values() for r in entry["rows"])
     per_case = {arm: case_means(arms[arm]["rows"], metric) for arm in arms}
 
     # Execute

@@ -114,12 +114,16 @@ def test_summarize():
 
 
 def test_case_rows_and_files_round_trip(tmp_path):
-    rows = case_rows("patient001", case_metrics(BAR_PRED, BAR_GT, 3, spacing=(1.0, 1.0, 2.0)))
-    assert [(r["case"], r["class"]) for r in rows] == [("patient001", 1), ("patient001", 2)]
+    rows = case_rows("p001_ED", case_metrics(BAR_PRED, BAR_GT, 3, spacing=(1.0, 1.0, 2.0)), "p001")
+    assert [(r["case"], r["patient"], r["class"]) for r in rows] == [
+        ("p001_ED", "p001", 1),
+        ("p001_ED", "p001", 2),
+    ]
+    assert case_rows("p002", {1: {}})[0]["patient"] == "p002"  # no patient given: the case is one
     write_case_csv(tmp_path / "cases.csv", rows)
     with open(tmp_path / "cases.csv", newline="") as f:
         read = list(csv.DictReader(f))
-    assert list(read[0]) == ["case", "class", "dice", "hd95", "asd", "units", "empty"]
+    assert list(read[0]) == ["case", "patient", "class", "dice", "hd95", "asd", "units", "empty"]
     assert float(read[0]["hd95"]) == pytest.approx(3.7) and read[1]["empty"] == "both"
     summary = summarize(rows)
     write_summary_json(tmp_path / "summary.json", summary)

@@ -116,3 +116,29 @@ def test_format_table():
 def test_bad_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         compare_runs({"ref": REF, "new": _run([1, 2, 3, 4, 5, 6])}, **kwargs)
+
+
+def test_patient_means_average_classes_then_a_patients_cases():
+    # Prepare: patient 1 has two frames (ED, ES), patient 2 one case, and a row without a patient
+    # (an older cases.csv) counts as its own patient. Values as CSV strings, as the reader gives them.
+    rows = [
+        {"case": "p1_ED", "patient": "p1", "class": "1", "dice": "0.2"},
+        {"case": "p1_ED", "patient": "p1", "class": "2", "dice": "0.4"},  # ED mean 0.3
+        {"case": "p1_ES", "patient": "p1", "class": "1", "dice": "0.5"},
+        {"case": "p1_ES", "patient": "p1", "class": "2", "dice": "0.9"},  # ES mean 0.7
+        {"case": "p2_ED", "patient": "p2", "class": "1", "dice": "1.0"},
+        {"case": "p2_ED", "patient": "p2", "class": "2", "dice": "0.0"},  # 0.5
+        {"case": "old", "class": "1", "dice": "0.8"},
+    ]
+
+    # Execute
+    from samatch.stats import case_means, patient_means
+
+    cases, patients = case_means(rows, "dice"), patient_means(rows, "dice")
+
+    # Assert: p1 = (0.3 + 0.7) / 2; the tests then pair 3 patients, not 4 cases
+    assert cases == pytest.approx({"p1_ED": 0.3, "p1_ES": 0.7, "p2_ED": 0.5, "old": 0.8})
+    assert patients == pytest.approx({"p1": 0.5, "p2": 0.5, "old": 0.8})
+    shifted = {k: v + 0.1 for k, v in patients.items()}
+    (row,) = compare_runs({"ref": patients, "run": shifted}, reference="ref")
+    assert row.n == 3 and row.diff == pytest.approx(0.1)

@@ -1,14 +1,15 @@
-"""`samatch compare RUN_A RUN_B ...`: paired Wilcoxon signed-rank tests on per-case Dice.
+"""`samatch compare RUN_A RUN_B ...`: paired Wilcoxon signed-rank tests on per-patient Dice.
 
-Reads each run's eval_<split>/cases.csv (run `samatch evaluate` first), averages Dice over classes
-per case, and tests every run against the first, Bonferroni-corrected over the comparisons.
+Reads each run's eval_<split>/cases.csv (run `samatch evaluate` first), averages the metric over
+classes per case and over each patient's cases (ACDC's ED and ES frames are one patient: one pair),
+and tests every run against the first, Bonferroni-corrected over the comparisons. A cases.csv
+without a ``patient`` column (written before it existed) is paired by case, and the output says so.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-from collections import defaultdict
 from pathlib import Path
 
 
@@ -18,27 +19,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metric", default="dice", choices=["dice", "hd95", "asd"])
 
 
-def per_case_means(csv_path: Path, metric: str) -> dict[str, float]:
-    """{case: mean over classes of ``metric``} from a cases.csv."""
+def read_case_rows(csv_path: Path) -> list[dict[str, str]]:
+    """The rows of a cases.csv (``samatch evaluate``)."""
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: not found (run `samatch evaluate` on this run first)")
-    values: dict[str, list[float]] = defaultdict(list)
     with csv_path.open() as f:
-        for row in csv.DictReader(f):
-            values[row["case"]].append(float(row[metric]))
-    return {case: sum(v) / len(v) for case, v in values.items()}
+        return list(csv.DictReader(f))
 
 
 def run(args) -> int:
-    from samatch.stats import compare_runs, format_table
+    from samatch.stats import compare_runs, format_table, patient_means
 
     if len(args.runs) < 2:
         raise ValueError("compare needs at least two runs")
-    per_case = {
-        r: per_case_means(Path(r) / f"eval_{args.split}" / "cases.csv", args.metric) for r in args.runs
-    }
-    rows = compare_runs(per_case, reference=args.runs[0])
-    print(f"{args.metric} per case (mean over classes), {args.split}; reference: {args.runs[0]}")
+    case_rows = {r: read_case_rows(Path(r) / f"eval_{args.split}" / "cases.csv") for r in args.runs}
+    by_case = [r for r, rows in case_rows.items() if rows and "patient" not in rows[0]]
+    per_patient = {r: patient_means(rows, args.metric) for r, rows in case_rows.items()}
+    rows = compare_runs(per_patient, reference=args.runs[0])
+    print(f"{args.metric} per patient (mean over classes and cases), {args.split}; reference: {args.runs[0]}")
+    if by_case:
+        print(f"no patient column in {', '.join(by_case)}: those runs' cases count as patients")
     print("paired two-sided Wilcoxon signed-rank, Bonferroni over", len(rows), "comparison(s)")
     print(format_table(rows))
     return 0
