@@ -36,6 +36,8 @@ import statistics
 import sys
 import threading
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -376,9 +378,6 @@ def host_syncs(trainer: Trainer) -> dict:
     Empty on CPU, where there is nothing to wait for."""
     if trainer.device.type != "cuda":
         return {}
-    import warnings
-    from collections import Counter
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
