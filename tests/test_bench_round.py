@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import round_inprocess
 from federation.config import parse_run_config
 from federation.local import initial_state
 from federation.state import shareable_keys
@@ -66,7 +67,7 @@ def test_quick_run_json_structure(quick):
     for case in quick["cases"]:
         assert "error" not in case
         assert [r["round"] for r in case["rounds"]] == [1, 2]
-        assert set(case["summary"]["breakdown"]) == {f"{k}_s" for k in bench.BREAKDOWN}
+        assert set(case["summary"]["breakdown"]) == {f"{k}_s" for k in round_inprocess.BREAKDOWN}
         assert set(case["goals"]) == {"overhead_below_2s", "up_below_8MB", "down_below_8MB"}
     assert "| inprocess | unimatch | fp16 | no |" in bench.format_table(quick)
 
@@ -133,8 +134,8 @@ def test_fp16_engine_sends_half_the_float_bytes(quick):
 def test_clock_counts_nested_calls_once(monkeypatch):
     # Prepare: a clock that ticks 1 s per reading.
     ticks = iter(range(100))
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
-    clock = bench.Clock()
+    monkeypatch.setattr(round_inprocess.time, "perf_counter", lambda: float(next(ticks)))
+    clock = round_inprocess.Clock()
     inner = clock.wrap("inner", lambda: None)
     outer = clock.wrap("outer", lambda: inner())
 

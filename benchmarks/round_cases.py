@@ -1,0 +1,85 @@
+"""bench_round's cases: which engine, method, transport and packing each run uses, and the tiny
+federation (:class:`Scale`) every engine runs. See ``benchmarks/bench_round.py``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENGINES = ("inprocess", "flwr-run", "deploy")
+# Run-config settings of each method (the U-Net is the same; SAM-Match adds LoRA on SAM's decoder).
+METHODS = {
+    "unimatch": {"method.name": "unimatch"},
+    "samatch-avg": {"method.name": "samatch", "lora-mode": "avg"},
+    "samatch-ffa": {"method.name": "samatch", "lora-mode": "ffa"},
+}
+MB = 1e6
+GOAL_OVERHEAD_S = 2.0  # the performance issue's goals, per round and per site
+GOAL_BYTES = 8 * MB
+TRAIN_COUNTS = {"num-examples": 6.0, "num-labeled": 6.0, "num-unlabeled": 6.0}
+
+
+@dataclass(frozen=True)
+class Case:
+    engine: str
+    method: str = "unimatch"  # a key of METHODS
+    transport: str = "fp32"
+    pack: bool = False
+    evaluate_then_train: bool = False  # one message per site per round (federation/evaluate_then_train.py)
+
+    @property
+    def name(self) -> str:
+        joint = " evaluate-then-train" if self.evaluate_then_train else ""
+        return f"{self.engine} {self.method} {self.transport}{' packed' if self.pack else ''}{joint}"
+
+
+# The full benchmark's runs; --quick keeps the first two in-process ones.
+FULL_CASES = (
+    Case("inprocess", "unimatch", "fp32"),
+    Case("inprocess", "unimatch", "fp16"),
+    Case("inprocess", "unimatch", "fp32", pack=True),
+    Case("inprocess", "samatch-avg", "fp32"),
+    Case("inprocess", "samatch-ffa", "fp32"),
+    Case("flwr-run", "unimatch", "fp32"),
+    Case("flwr-run", "unimatch", "fp16"),
+    Case("flwr-run", "unimatch", "fp32", evaluate_then_train=True),
+    Case("deploy", "unimatch", "fp32", pack=True),
+    Case("deploy", "unimatch", "fp32"),
+    # the deployment's default (deploy/commands.py)
+    Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
+    # a SAM-Match site: every message's fresh process also builds SAM (its embeddings cached on disk)
+    Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True),
+)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The tiny federation the engines run: real U-Net width, little data, few steps."""
+
+    sites: int = 2
+    rounds: int = 4
+    local_iterations: int = 2
+    size: int = 32
+    base_channels: int = 16
+    batch: int = 2
+    max_unlabeled: int = 4
+
+    def run_config(self, case: Case) -> dict[str, object]:
+        return {
+            "num-server-rounds": self.rounds,
+            "local-iterations": self.local_iterations,
+            "min-available-nodes": self.sites,
+            "min-train-nodes": self.sites,
+            "min-evaluate-nodes": self.sites,
+            "evaluate-every": 1,
+            "transport": case.transport,
+            "pack-arrays": case.pack,
+            "evaluate-then-train": case.evaluate_then_train,
+            "data.size": self.size,
+            "data.labeled": 1,
+            "data.max_unlabeled": self.max_unlabeled,
+            "data.max_val_cases": 1,
+            "model.base_channels": self.base_channels,
+            "schedule.batch_size": self.batch,
+            "device": "cpu",
+            **METHODS[case.method],
+        }
