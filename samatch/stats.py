@@ -4,9 +4,10 @@ Each run is compared with a reference run by a two-sided Wilcoxon signed-rank te
 differences ``run - reference`` over the ids both runs have. With m non-reference runs, the
 Bonferroni-adjusted p-value is ``min(1, p * m)``.
 
-The pairs must be independent, so they are patients, not cases: :func:`patient_means` averages a
-patient's cases first (ACDC's ED and ES frames are two volumes of one heart; as two pairs they would
-overstate the evidence). Rows without a patient count as their own patient.
+The pairs must be independent, so they are patients, not cases: with ``groups`` (:func:`patients_of`)
+a patient's cases that both runs have are averaged first (ACDC's ED and ES frames are two volumes of
+one heart; as two pairs they would overstate the evidence). Rows without a patient count as their
+own patient.
 
 p-values come from ``scipy.stats.wilcoxon(method="auto")`` (behaviour of scipy 1.17, the version we
 test with): the exact null distribution when there are no ties and no zero differences, an
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import wilcoxon
 
-__all__ = ["Comparison", "case_means", "compare_runs", "format_table", "patient_means"]
+__all__ = ["Comparison", "case_means", "compare_runs", "format_table", "patients_of"]
 
 ZERO_METHODS = ("wilcox", "pratt", "zsplit")
 
@@ -60,18 +61,18 @@ def case_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
     return {case: float(np.mean(v)) for case, v in values.items()}
 
 
-def patient_means(rows: Iterable[Mapping], metric: str) -> dict[str, float]:
-    """Rows -> {patient: mean over the patient's cases of the case means}: the values to pair.
+def patients_of(rows: Iterable[Mapping]) -> dict[str, str]:
+    """Rows -> {case: patient}: a row's ``patient`` field, or its case when it has none (files written
+    before the field existed; datasets with one case per patient)."""
+    return {str(r["case"]): str(r.get("patient") or r["case"]) for r in rows}
 
-    A row's patient is its ``patient`` field, or its case when it has none (files written before
-    the field existed; datasets with one case per patient).
-    """
-    rows = list(rows)
-    patient_of = {str(r["case"]): str(r.get("patient") or r["case"]) for r in rows}
-    by_patient: dict[str, list[float]] = {}
-    for case, mean in case_means(rows, metric).items():
-        by_patient.setdefault(patient_of[case], []).append(mean)
-    return {patient: float(np.mean(v)) for patient, v in by_patient.items()}
+
+def _group_means(values: dict[str, float], ids: list[str], groups: Mapping[str, str]) -> dict[str, float]:
+    """{id: value} over ``ids`` -> {group: mean of its ids' values}."""
+    by_group: dict[str, list[float]] = {}
+    for i in ids:
+        by_group.setdefault(groups[i], []).append(values[i])
+    return {g: float(np.mean(v)) for g, v in by_group.items()}
 
 
 def _wilcoxon(diffs: np.ndarray, zero_method: str) -> tuple[float, float]:
@@ -84,15 +85,21 @@ def _wilcoxon(diffs: np.ndarray, zero_method: str) -> tuple[float, float]:
 
 
 def compare_runs(
-    per_case: dict[str, dict[str, float]], reference: str, zero_method: str = "wilcox"
+    per_case: dict[str, dict[str, float]],
+    reference: str,
+    zero_method: str = "wilcox",
+    groups: Mapping[str, str] | None = None,
 ) -> list[Comparison]:
     """Compare every run with ``reference`` on their common cases.
 
     Args:
-        per_case: ``{run_name: {id: value}}``, e.g. per-patient Dice of each method
-            (:func:`patient_means`).
+        per_case: ``{run_name: {case_id: value}}``, e.g. per-case Dice of each method
+            (:func:`case_means`).
         reference: the run the others are compared with; must be a key of ``per_case``.
         zero_method: scipy's handling of zero differences: "wilcox", "pratt" or "zsplit".
+        groups: ``{case_id: patient}`` (:func:`patients_of`): the pairs are then the patients, each
+            the mean over the cases both runs have of it; ``n``, the means and ``diff`` are over
+            patients. None: every case is a pair.
 
     Returns:
         One :class:`Comparison` per non-reference run, in ``per_case`` order.
@@ -106,10 +113,13 @@ def compare_runs(
     m = len(others)
     rows = []
     for name in others:
-        run = per_case[name]
-        common = sorted(set(run) & set(ref))
+        run, base = per_case[name], ref
+        common = sorted(set(run) & set(base))
+        if groups is not None:  # the same volumes on both sides, then one pair per patient
+            run, base = _group_means(run, common, groups), _group_means(base, common, groups)
+            common = sorted(run)
         a = np.array([run[c] for c in common], dtype=float)
-        r = np.array([ref[c] for c in common], dtype=float)
+        r = np.array([base[c] for c in common], dtype=float)
         stat, p = _wilcoxon(a - r, zero_method)
         mean = float(a.mean()) if common else math.nan
         ref_mean = float(r.mean()) if common else math.nan

@@ -352,7 +352,7 @@ def run_centralized(plan: Plan, pooled: Splits, progress: bool):
 def evaluate_per_site(
     models: dict[str, torch.nn.Module], cases_by_site: dict[str, list[Case]], cfg: TrainConfig
 ) -> list[dict]:
-    """Rows (case, class, dice, hd95, asd, units, empty): each site's cases with ``models[site]``."""
+    """Rows (case, patient, class, dice, hd95, asd, units, empty): each site's cases with ``models[site]``."""
     from samatch.engine import resolve_device
     from samatch.evaluate import evaluate_cases
 
@@ -385,12 +385,13 @@ def paired_tests(rows_by_arm: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Per metric: Wilcoxon of each arm vs centralized on per-patient means, Bonferroni over arms."""
     from dataclasses import asdict
 
-    from samatch.stats import compare_runs, patient_means
+    from samatch.stats import case_means, compare_runs, patients_of
 
+    patients = patients_of(r for rows in rows_by_arm.values() for r in rows)
     out = {}
     for metric in METRICS:
-        per_patient = {arm: patient_means(rows, metric) for arm, rows in rows_by_arm.items()}
-        out[metric] = [asdict(c) for c in compare_runs(per_patient, reference=REFERENCE)]
+        per_case = {arm: case_means(rows, metric) for arm, rows in rows_by_arm.items()}
+        out[metric] = [asdict(c) for c in compare_runs(per_case, reference=REFERENCE, groups=patients)]
     return out
 
 

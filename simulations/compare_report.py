@@ -94,8 +94,9 @@ def markdown(result: dict) -> str:
         f"- Evaluation: final models on the same {n_cases} validation cases (union of the sites'), per "
         f"volume at native resolution; mean ± std over cases; HD95 in {units}. `local` = each case by its "
         "own site's model; `local:<site>` = that site's model on every case.",
-        "- Test: paired two-sided Wilcoxon signed-rank vs centralized on per-case means over classes, "
-        f"Bonferroni over {m} comparisons; Δ mean = arm − centralized.",
+        "- Test: two-sided Wilcoxon signed-rank vs centralized, paired by patient (mean over classes "
+        f"per case, then over the patient's cases), Bonferroni over {m} comparisons; Δ mean = arm − "
+        "centralized over patients (the mean column is over cases).",
         f"- Hardware: {hw['cpu'] or 'CPU'}, {hw['cores']} cores, torch {hw['torch']} "
         f"({hw['torch_threads']} threads){', ' + hw['cuda'] if hw.get('cuda') else ''}; wall time "
         + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())

@@ -222,31 +222,33 @@ def test_compare_prints_both_runs(runs, capsys):
     assert table[1].split()[:2] == [str(runs["unimatch"]), "2"]
 
 
-@pytest.mark.parametrize("with_patient", [True, False])
-def test_compare_pairs_patients_not_their_frames(tmp_path, capsys, with_patient):
+@pytest.mark.parametrize("columns", ["both", "neither", "one"])
+def test_compare_pairs_patients_not_their_frames(tmp_path, capsys, columns):
     # Prepare: two runs' cases.csv, 3 patients x 2 frames (ED, ES), one class; the second run 0.1
-    # better on every case. Without the patient column (an older file) the frames are the pairs.
+    # better on every case. A file without the patient column is an older one: if any run has such a
+    # file, every run is paired by case (mixing patient and case ids would pair nothing).
     runs = []
     for name, shift in (("ref", 0.0), ("run", 0.1)):
+        with_patient = columns == "both" or (columns == "one" and name == "ref")
         folder = tmp_path / name / "eval_val"
         folder.mkdir(parents=True)
         lines = ["case,patient,class,dice" if with_patient else "case,class,dice"]
         for i, (patient, frame) in enumerate((p, f) for p in ("p1", "p2", "p3") for f in ("ED", "ES")):
-            dice = 0.1 * i + shift
-            lines.append(
-                f"{patient}_{frame},{patient},1,{dice}" if with_patient else f"{patient}_{frame},1,{dice}"
-            )
+            patient_cell = f"{patient}," if with_patient else ""
+            lines.append(f"{patient}_{frame},{patient_cell}1,{0.1 * i + shift}")
         (folder / "cases.csv").write_text("\n".join(lines) + "\n")
         runs.append(str(tmp_path / name))
 
     # Execute
     code = main(["compare", *runs])
 
-    # Assert: 3 pairs (patients) with the column, 6 (cases) without it, and then a note says so
+    # Assert: 3 pairs (patients) when both files name them, else 6 (cases) and a note says so
     out = capsys.readouterr().out
     assert code == 0
-    assert out.splitlines()[-1].split()[:2] == [runs[1], "3" if with_patient else "6"]
-    assert ("no patient column" in out) is not with_patient
+    row = out.splitlines()[-1].split()
+    assert row[:2] == [runs[1], "3" if columns == "both" else "6"]
+    assert float(row[4]) == pytest.approx(0.1)  # diff
+    assert ("no patient column" in out) is (columns != "both")
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -118,9 +118,9 @@ def test_bad_options_raise(kwargs, match):
         compare_runs({"ref": REF, "new": _run([1, 2, 3, 4, 5, 6])}, **kwargs)
 
 
-def test_patient_means_average_classes_then_a_patients_cases():
-    # Prepare: patient 1 has two frames (ED, ES), patient 2 one case, and a row without a patient
-    # (an older cases.csv) counts as its own patient. Values as CSV strings, as the reader gives them.
+def test_pairs_are_patients_over_the_cases_both_runs_have():
+    # Prepare: p1 has two frames (ED, ES), p2 one case, and a row without a patient (an older
+    # cases.csv) is its own patient. Values as CSV strings, as the reader gives them.
     rows = [
         {"case": "p1_ED", "patient": "p1", "class": "1", "dice": "0.2"},
         {"case": "p1_ED", "patient": "p1", "class": "2", "dice": "0.4"},  # ED mean 0.3
@@ -130,15 +130,20 @@ def test_patient_means_average_classes_then_a_patients_cases():
         {"case": "p2_ED", "patient": "p2", "class": "2", "dice": "0.0"},  # 0.5
         {"case": "old", "class": "1", "dice": "0.8"},
     ]
+    from samatch.stats import case_means, patients_of
 
     # Execute
-    from samatch.stats import case_means, patient_means
+    ref = case_means(rows, "dice")
+    groups = patients_of(rows)
+    better = {case: v + 0.1 for case, v in ref.items()}
+    partial = {"p1_ED": 0.3, "p2_ED": 0.5, "old": 0.8}  # p1's ES frame missing; equal elsewhere
+    by_patient, same_volumes = compare_runs({"ref": ref, "a": better, "b": partial}, "ref", groups=groups)
 
-    cases, patients = case_means(rows, "dice"), patient_means(rows, "dice")
-
-    # Assert: p1 = (0.3 + 0.7) / 2; the tests then pair 3 patients, not 4 cases
-    assert cases == pytest.approx({"p1_ED": 0.3, "p1_ES": 0.7, "p2_ED": 0.5, "old": 0.8})
-    assert patients == pytest.approx({"p1": 0.5, "p2": 0.5, "old": 0.8})
-    shifted = {k: v + 0.1 for k, v in patients.items()}
-    (row,) = compare_runs({"ref": patients, "run": shifted}, reference="ref")
-    assert row.n == 3 and row.diff == pytest.approx(0.1)
+    # Assert: 4 cases -> 3 patients, p1 = (0.3 + 0.7) / 2 = 0.5; the run missing p1_ES is paired with
+    # the reference's p1_ED alone, so it equals the reference (not 0.3 against 0.5)
+    assert ref == pytest.approx({"p1_ED": 0.3, "p1_ES": 0.7, "p2_ED": 0.5, "old": 0.8})
+    assert groups == {"p1_ED": "p1", "p1_ES": "p1", "p2_ED": "p2", "old": "old"}
+    assert by_patient.n == 3 and by_patient.ref_mean == pytest.approx((0.5 + 0.5 + 0.8) / 3)
+    assert by_patient.diff == pytest.approx(0.1)
+    assert same_volumes.n == 3 and same_volumes.diff == pytest.approx(0.0) and same_volumes.p == 1.0
+    assert compare_runs({"ref": ref, "a": better}, "ref")[0].n == 4  # no groups: every case a pair
