@@ -49,6 +49,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds  # noqa: E402
+from samatch import allocator  # noqa: E402
 from samatch.config import TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
@@ -561,6 +562,7 @@ def hardware() -> dict:
         "machine": platform.machine(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": allocator.describe(),
     }
     return info
 
@@ -603,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
         help="schedule.compile: torch.compile the U-Net and SAM's folded decoder (warm-up pays the compile)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
+    allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
     amps = tuple(a.strip() for a in args.amp.split(",") if a.strip())
     if not amps or any(a not in ("fp32", "bf16") for a in amps):
         raise SystemExit(f"--amp: expected fp32 and/or bf16, got {args.amp!r}")

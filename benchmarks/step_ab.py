@@ -12,7 +12,7 @@ are counted: on the phantom about a third of the pseudo-label prompts exist, whi
 not match (docs/performance.md).
 
     python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
-        [--amp fp32] [--out runs/step_ab.json]
+        [--amp fp32] [--allocator auto] [--out runs/step_ab.json]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.bench_step import PassCounter, make_config, make_data  # noqa: E402
 from benchmarks.step_cost import synced_seconds  # noqa: E402
+from samatch import allocator  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--amp", default="fp32", help="fp32 or bf16")
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
+    allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
     if args.threads:
         torch.set_num_threads(args.threads)
     trainers = {m: trainer_for(m, args.size, args.batch, args.amp) for m in ("unimatch", "samatch")}
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "allocator": allocator.describe(),
         "settings": vars(args) | {"out": str(args.out)},
         "pairs": pairs,
         "decode_fwd_bwd_s": decode,

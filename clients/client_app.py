@@ -18,8 +18,9 @@ arrays; the server logs it and aggregates nothing from that site, and the other 
 
 from __future__ import annotations
 
+import functools
 import time
-from logging import WARNING
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -34,6 +35,7 @@ from federation.local import evaluate_round, get_session, train_round
 from federation.packing import pack_record, unpack_record
 from federation.site_state import load_local_round, save_local_round, site_state_folder
 from federation.state import batchnorm_keys, from_record, from_wire, shareable_keys, to_record, to_wire
+from samatch import allocator
 from samatch.io.base import DataError
 
 app = ClientApp()
@@ -46,7 +48,14 @@ class SiteDataError(RuntimeError):
     """The site's data could not be loaded; ``str(err)`` names the site, the path and the problem."""
 
 
+@functools.cache
+def _log_allocator() -> None:
+    """Once per process: the host allocator this ClientApp runs on (``deploy supernode --allocator``)."""
+    log(INFO, "%s", allocator.describe())
+
+
 def _session(context: Context, evaluate_only: bool = False):
+    _log_allocator()
     cfg, fed = parse_run_config(dict(context.run_config))
     site = site_from_node_config(dict(context.node_config), cfg, fed)
     warning = None if evaluate_only else uncached_sam_warning(dict(context.node_config), site, cfg)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from deploy import commands as cmd
 from deploy.pki import PkiLayout, create_ca, create_site_key, issue_server_cert, server_cert_hosts
+from samatch import allocator
 
 INSECURE_HELP = "plain HTTP, no TLS, no node authentication: a throw-away test on one machine only"
 
@@ -178,7 +179,9 @@ def do_supernode(args: argparse.Namespace) -> int:
         args.runtime_port,
         args.insecure_plaintext,
     )
-    env = _env(args, args.threads)
+    # The SuperNode's environment is its ClientApps': each message's process runs on this allocator.
+    env = allocator.launch_env(args.allocator, _env(args, args.threads))
+    print(f"deploy supernode: ClientApps run on {allocator.resolve(args.allocator)}", flush=True)
     _show(argv)
     if args.restart_delay <= 0:
         os.execve(argv[0], argv, env)
@@ -290,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp port (127.0.0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the ClientApp (0: torch's)")
     p.add_argument("--restart-delay", type=float, default=0.0, help=">0: restart after exits/crashes")
+    allocator.add_allocator_argument(p)
     p.add_argument("--flwr-home")
     p.add_argument("--insecure-plaintext", action="store_true", help=INSECURE_HELP)
     p.set_defaults(func=do_supernode)

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from samatch import allocator
 from samatch.io.base import DataError
 
 # (command words, module, help). The module provides add_arguments(parser) and run(args) -> int.
@@ -26,6 +27,7 @@ COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samatch", description=__doc__.splitlines()[0])
+    allocator.add_allocator_argument(parser)
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for words, module, help_text in COMMANDS:
@@ -42,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; from the command line (``argv`` None) the process first starts again on the
+    chosen allocator (``samatch.allocator.relaunch``), which an in-process call leaves alone."""
     args = build_parser().parse_args(argv)
     try:
+        allocator.relaunch(args.allocator, argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"samatch: error: {err}", file=sys.stderr)

@@ -65,6 +65,7 @@ import tomllib
 import torch
 
 from federation.config import FederationConfig, Site, parse_run_config, site_from_node_config
+from samatch import allocator
 from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
 from samatch.io.base import Case, DataError
@@ -564,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    allocator.add_allocator_argument(p)
     return p
 
 
@@ -588,6 +590,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
     try:
         return run(args, argv)
     except (DataError, FileNotFoundError, ValueError) as err:

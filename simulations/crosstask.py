@@ -35,6 +35,7 @@ from federation.config import manifest_tasks, parse_run_config, site_from_node_c
 from federation.inprocess import run_inprocess
 from federation.local import clear_sessions, get_session, load_state
 from federation.state import from_wire
+from samatch import allocator
 from simulations.compare import hardware, load_run_config
 
 ARMS = {"shared": "all", "per-task": "task"}
@@ -139,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-set", action="append", default=[], metavar="TASK:KEY=VALUE")
     p.add_argument("--sam-slices", type=int, default=16, help="validation slices per task for SAM's Dice")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    allocator.add_allocator_argument(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
     try:
         if args.threads:
             torch.set_num_threads(args.threads)

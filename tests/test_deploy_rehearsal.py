@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from samatch import allocator
+
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 420
 MARKER = "FEDSAMATCH_TEST_REHEARSAL"
@@ -95,6 +97,13 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
     ).is_file()
     link_log = (tmp_path / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in link_log and "Uvicorn running on https://127.0.0.1" in link_log
+    if allocator.resolve(allocator.default_choice()) == "mimalloc":  # deploy supernode's default
+        for site in ("hospitalA", "hospitalB", "hospitalC"):
+            node_log = (tmp_path / "logs" / f"supernode-{site}.log").read_text()
+            # every message's ClientApp process inherited the SuperNode's preloaded allocator
+            assert "host allocator: mimalloc (freed pages kept)" in node_log, site
+            assert "host allocator: the system" not in node_log, site
+        print("checked: every site's ClientApps ran on mimalloc, freed pages kept")
     print(f"checked: rounds [1, 2], 3 of 3 sites aggregated each round, final Dice {rounds[-1]['evaluate']}")
     assert not leftovers, f"processes left running: {leftovers}"
     print("checked: no process left running")

@@ -46,6 +46,7 @@ def _overrides(args) -> dict:
 
 
 def run(args) -> int:
+    from samatch.allocator import describe
     from samatch.engine import Trainer  # torch-heavy; keep `samatch --help` fast
 
     out = Path(args.out)
@@ -65,6 +66,8 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
     trainer = Trainer(cfg, data, out_dir=out)
+    if trainer.device.type == "cpu":
+        print(describe())
     if args.resume:
         trainer.resume(out / "last.pt")
         print(f"resuming {out} at iteration {trainer.iteration}")
