@@ -604,10 +604,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="schedule.compile: torch.compile the U-Net and SAM's folded decoder (warm-up pays the compile)",
     )
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="schedule.compile_mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
-    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
+    allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     amps = tuple(a.strip() for a in args.amp.split(",") if a.strip())
     if not amps or any(a not in ("fp32", "bf16") for a in amps):
         raise SystemExit(f"--amp: expected fp32 and/or bf16, got {args.amp!r}")
@@ -622,6 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule.channels_last": args.channels_last,
         "schedule.keep_host_memory": args.keep_host_memory,
         "schedule.compile": args.compile,
+        "schedule.compile_mode": args.compile_mode,
     }
     batches = [int(b) for b in (args.batch or "4,12").split(",") if b.strip()]
     if args.threads:

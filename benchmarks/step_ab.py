@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
-    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
+    allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     if args.threads:
         torch.set_num_threads(args.threads)
     trainers = {m: trainer_for(m, args.size, args.batch, args.amp) for m in ("unimatch", "samatch")}

@@ -181,7 +181,7 @@ def do_supernode(args: argparse.Namespace) -> int:
     )
     # The SuperNode's environment is its ClientApps': each message's process runs on this allocator.
     env = allocator.launch_env(args.allocator, _env(args, args.threads))
-    print(f"deploy supernode: ClientApps run on {allocator.resolve(args.allocator)}", flush=True)
+    print(f"deploy supernode: ClientApps run on {allocator.resolve(args.allocator, env)}", flush=True)
     _show(argv)
     if args.restart_delay <= 0:
         os.execve(argv[0], argv, env)

@@ -12,10 +12,12 @@ inside Python: the launcher preloads its library (``LD_PRELOAD``) with the setti
 pages, either in a child's environment (:func:`launch_env`, e.g. ``deploy supernode`` for its
 ClientApps) or by starting this same command again under it (:func:`relaunch`, the ``samatch``
 command line and the benchmarks). mimalloc comes from PyPI (``cmeel-mimalloc``, a dependency on
-Linux x86_64); jemalloc from the system (Debian: ``apt-get install libjemalloc2``).
+Linux x86_64 and aarch64); jemalloc from the system (Debian: ``apt-get install libjemalloc2``).
 
-Choices: ``auto`` (mimalloc where installed, else the system's), ``system`` (leave malloc alone),
-``mimalloc``, ``jemalloc``. The cost: the process keeps its peak memory until it exits.
+Choices: ``auto`` (an allocator the launcher preloaded already is kept; else mimalloc where
+installed; else the system's), ``system`` (preload nothing: glibc's malloc unless ``LD_PRELOAD``
+already names another), ``mimalloc``, ``jemalloc``. The cost: the process keeps its peak memory
+until it exits.
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ def default_choice() -> str:
     return os.environ.get(ENV_CHOICE, "") or "auto"
 
 
-def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+def add_allocator_argument(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     """``--allocator``, as every command that starts a training process has it."""
     parser.add_argument(
         "--allocator",
         choices=CHOICES,
-        default=default_choice(),
-        help=f"host memory allocator, keeping freed pages (default ${ENV_CHOICE} or auto: mimalloc "
-        "where installed; system: glibc's malloc)",
+        default=default_choice() if default is None else default,
+        help=f"host memory allocator (default ${ENV_CHOICE} or auto: an allocator already preloaded "
+        "is kept, else mimalloc keeping freed pages where installed; system: add none)",
     )
 
 
@@ -81,22 +83,49 @@ def library(name: str) -> Path | None:
     raise ValueError(f"allocator {name!r}: choose one of {', '.join(CHOICES)}")
 
 
-def resolve(choice: str) -> str:
-    """``auto`` -> ``mimalloc`` where installed, else ``system``; other choices checked and kept."""
+def preloaded(env: Mapping[str, str]) -> str:
+    """The allocator ``env``'s ``LD_PRELOAD`` names (``mimalloc``, ``jemalloc``), else ``system``."""
+    names = [Path(p).name for p in env.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p]
+    for name in ("mimalloc", "jemalloc"):
+        if any(n.startswith(f"lib{name}.so") for n in names):
+            return name
+    return "system"
+
+
+def _to_add(choice: str, env: Mapping[str, str]) -> str | None:
+    """The allocator to preload into ``env`` for ``choice``, or None to leave ``env`` as it is."""
     if choice not in CHOICES:
         raise ValueError(f"allocator {choice!r}: choose one of {', '.join(CHOICES)}")
-    if choice == "auto":
-        return "mimalloc" if library("mimalloc") is not None else "system"
+    if choice == "system":
+        return None
+    if choice == "auto":  # the launcher preloaded one itself (its own settings): keep it
+        if preloaded(env) != "system":
+            return None
+        return "mimalloc" if library("mimalloc") is not None else None
     return choice
+
+
+def resolve(choice: str, env: Mapping[str, str] | None = None) -> str:
+    """The allocator a process started with ``env`` (default: this one's) and ``choice`` runs on:
+    ``auto`` -> one already preloaded, else ``mimalloc`` where installed, else ``system``."""
+    env = os.environ if env is None else env
+    return _to_add(choice, env) or preloaded(env)
+
+
+def keeps_pages(name: str, env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``env`` (default: this process's) holds ``name``'s keep-freed-pages setting."""
+    env = os.environ if env is None else env
+    return all(env.get(k) == v for k, v in KEEP_PAGES.get(name, {}).items())
 
 
 def launch_env(choice: str, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """``base`` (default: this process's environment) with ``choice``'s library preloaded and its
-    keep-pages setting; ``system`` returns ``base`` unchanged. A named allocator that is not
-    installed is a one-line ValueError saying how to install it."""
+    keep-pages setting; ``system``, and ``auto`` where ``base`` preloads an allocator already, return
+    ``base`` unchanged. A named allocator that is not installed is a one-line ValueError saying how
+    to install it."""
     env = dict(os.environ if base is None else base)
-    name = resolve(choice)
-    if name == "system":
+    name = _to_add(choice, env)
+    if name is None:
         return env
     lib = library(name)
     if lib is None:
@@ -120,16 +149,35 @@ def active() -> str:
     return "system"
 
 
-def relaunch(choice: str, argv: list[str] | None) -> None:
-    """Start this same command again (``os.execve``: same PID, same arguments) with ``choice``'s
-    library preloaded. ``argv`` is the calling ``main``'s: None (run from the command line) relaunches;
-    a list (an in-process call, e.g. a test) leaves the process alone. So does a process that already
-    runs on the allocator or was relaunched once already (the dynamic loader ignores a library it
-    cannot preload; then this process goes on as it is)."""
-    name = resolve(choice)
-    if argv is not None or name == "system" or active() == name or os.environ.get(_RELAUNCHED):
+def _interactive() -> bool:
+    """A REPL or a notebook kernel: never replaced by a relaunch."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive) or "ipykernel" in sys.modules
+
+
+def relaunch(choice: str, argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> None:
+    """Start this same command again (``os.execve``: same PID, same arguments) on ``choice``'s
+    allocator with its keep-pages setting (:func:`launch_env`). ``argv`` is the calling ``main``'s:
+    None (run from the command line) relaunches; a list (an in-process call, e.g. a test) leaves the
+    process alone, as do a REPL or notebook and a process that already runs so. A relaunched process
+    never relaunches again: if the dynamic loader could not preload the library it goes on as it is,
+    with a warning. A bad choice is ``parser.error`` (exit 2) where a parser is given, else a
+    ValueError."""
+    if os.environ.pop(_RELAUNCHED, None) is not None:  # this is the relaunch; its children may again
+        want = resolve(choice)
+        if active() != want:
+            print(f"warning: allocator {want} was not preloaded; running on {active()}", file=sys.stderr)
         return
-    env = launch_env(name)
+    if argv is not None or _interactive():
+        return
+    try:
+        name = _to_add(choice, os.environ)
+        env = launch_env(choice)
+    except ValueError as err:
+        if parser is None:
+            raise
+        parser.error(str(err))
+    if name is None or (active() == name and keeps_pages(name)):  # nothing to add
+        return
     env[_RELAUNCHED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -142,5 +190,4 @@ def describe() -> str:
     name = active()
     if name == "system":
         return "host allocator: the system's malloc"
-    kept = all(os.environ.get(k) == v for k, v in KEEP_PAGES[name].items())
-    return f"host allocator: {name} ({'freed pages kept' if kept else 'default page release'})"
+    return f"host allocator: {name} ({'freed pages kept' if keeps_pages(name) else 'default page release'})"

@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[words[0]] = grp.add_subparsers(dest="subcommand", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text)
         sub.set_defaults(_module=module)
+        allocator.add_allocator_argument(sub, default=argparse.SUPPRESS)  # also after the command
         importlib.import_module(module).add_arguments(sub)
     return parser
 

@@ -120,6 +120,10 @@ def parse_enclosed(spec: str) -> dict[int, tuple[int, ...]]:
     return out
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that replay CUDA graphs
+
+
 @dataclass
 class ScheduleConfig:
     iterations: int = 30000
@@ -138,12 +142,19 @@ class ScheduleConfig:
     # torch.compile the U-Net and SAM's folded mask decoder: fewer, fused kernels. Each new batch shape
     # pays a compile first (a minute or more); worth it on a GPU, where the eager step waits on the host.
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" also replays the compiled graphs as CUDA graphs (one
+    # launch for a graph's kernels; CUDA only, the CPU compiles as "default").
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
             raise ValueError("schedule.iterations and schedule.batch_size must be >= 1")
         if self.amp not in ("fp32", "bf16"):
             raise ValueError(f"schedule.amp must be fp32 or bf16, got {self.amp!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"schedule.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samatch.config import TrainConfig
+from samatch.config import CUDA_GRAPH_MODES, TrainConfig
 from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
 from samatch.hostmem import keep_freed_host_memory
@@ -66,7 +66,8 @@ class Trainer:
         if cfg.schedule.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if cfg.schedule.compile:
-            self.model.compile()  # in place: parameter names (checkpoints) unchanged
+            # in place: parameter names (checkpoints) unchanged
+            self.model.compile(mode=cfg.schedule.compile_mode)
         self.method = build_method(
             cfg, self.model, self.generator, data=data, device=self.device, **method_extra
         )
@@ -93,6 +94,9 @@ class Trainer:
         lr = poly_lr(s.lr, self.iteration, s.iterations, s.poly_power)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        if s.compile and s.compile_mode in CUDA_GRAPH_MODES:
+            # A new step: the CUDA graphs may reuse the memory of the last step's graph outputs.
+            torch.compiler.cudagraph_mark_step_begin()
         img_x, mask_x, idx_x = self.data.labeled.sample(s.batch_size, self.generator, self.device)
         img_u = idx_u = None
         if self.method.uses_unlabeled and self.data.unlabeled is not None:

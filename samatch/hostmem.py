@@ -18,16 +18,21 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 
+from samatch import allocator
+
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
 _applied = False
 
 
 def keep_freed_host_memory() -> bool:
-    """Apply the two glibc settings above to this process (once). False where libc is not glibc."""
+    """Apply the two glibc settings above to this process (once). False where libc is not glibc, or
+    where a preloaded allocator serves malloc (``samatch.allocator``: it keeps freed pages itself)."""
     global _applied
     if _applied:
         return True
+    if allocator.active() != "system":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt

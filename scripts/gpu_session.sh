@@ -6,8 +6,9 @@
 #   OUT=/some/dir bash scripts/gpu_session.sh
 # PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a step
 # benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile,
-# "bench_cl" bf16 in channels-last, eager then compiled). The training parts need the packs, the bench
-# parts only the weights and .gpu/whl. END=<epoch seconds> stops the benchmarks in time (SIGINT: the
+# "bench_cl" bf16 in channels-last, eager then compiled, "bench_cg" compiled with CUDA graphs). The
+# training parts need the packs, the bench parts only the weights and .gpu/whl (cmeel-mimalloc among
+# them: the benchmarks start on it). END=<epoch seconds> stops the benchmarks in time (SIGINT: the
 # benchmark saves the finished cases).
 # QUICK=1 makes every part tiny (a CPU rehearsal of the script itself; numbers meaningless).
 set -uo pipefail
@@ -59,6 +60,11 @@ bench_compile() { step_bench bench_step_compile 25 --amp bf16,fp32 --compile --p
 bench_cl() {
   step_bench bench_step_cl_eager 12 --amp bf16 --channels-last --profile
   step_bench bench_step_cl_compile 12 --amp bf16 --channels-last --profile --compile
+}
+# 1e. The same compiled, the graphs replayed as CUDA graphs (schedule.compile_mode=reduce-overhead):
+# one launch per graph instead of one per kernel, for a step bound by the host's dispatch.
+bench_cg() {
+  step_bench bench_step_cl_cudagraphs 12 --amp bf16 --channels-last --compile --compile-mode reduce-overhead
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch

@@ -588,9 +588,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
     try:
         return run(args, argv)
     except (DataError, FileNotFoundError, ValueError) as err:

@@ -145,8 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    allocator.relaunch(args.allocator, argv)  # from the command line: start again on it
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     try:
         if args.threads:
             torch.set_num_threads(args.threads)

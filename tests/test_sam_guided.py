@@ -295,3 +295,38 @@ def test_decoding_only_valid_prompts_gives_the_same_steps(refine):
     assert sum(n for _, n in fast[2]) < sum(n for _, n in plain[2])
     assert_same_steps(plain, fast)
     assert SamGuidance.skip_invalid is True  # the default
+
+
+def test_compile_mode_reaches_both_compiled_networks_and_marks_each_cuda_graph_step(monkeypatch):
+    # Prepare: torch.compile recorded (and left out: eager), and the CUDA-graph step marker counted.
+    # What reduce-overhead does on a GPU is measured by scripts/gpu_session.sh's bench_cg, not here.
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.data import build_train_data
+    from samatch.engine import Trainer
+
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or fn)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+
+    def trainer(method: str, mode: str | None) -> Trainer:
+        over = {**TINY_JOINT, "method.name": method, "sam.cache_embeddings": False, "schedule.compile": True}
+        if mode is not None:
+            over["schedule.compile_mode"] = mode
+        cfg = apply_overrides(TrainConfig(), over)
+        return Trainer(cfg, build_train_data(cfg))
+
+    # Execute / Assert: the U-Net (nn.Module.compile) and SAM's folded decoder get the mode ...
+    trainer("samatch", "reduce-overhead")
+    assert modes == ["reduce-overhead", "reduce-overhead"]
+    # ... every step of a CUDA-graph mode is marked, a mode without CUDA graphs marks nothing ...
+    modes.clear()
+    uni = trainer("unimatch", "reduce-overhead")
+    uni.step(), uni.step()
+    assert modes == ["reduce-overhead"] and len(marks) == 2
+    modes.clear(), marks.clear()
+    uni = trainer("unimatch", None)
+    uni.step()
+    assert modes == ["default"] and marks == []
+    # ... and an unknown mode is a clear error.
+    with pytest.raises(ValueError, match="schedule.compile_mode must be one of default, reduce-overhead"):
+        apply_overrides(TrainConfig(), {"schedule.compile_mode": "fast"})

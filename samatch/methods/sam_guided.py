@@ -236,7 +236,7 @@ class SamMatch(UniMatch):
         self.guide = SamGuidance(cfg, cfg.model.num_classes)
         self.guide.to(device)
         if cfg.schedule.compile:
-            self.guide.sam.compile_decoder()
+            self.guide.sam.compile_decoder(cfg.schedule.compile_mode)
         self.box_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         if cfg.sam.cache_embeddings and data is not None:
             self.guide.build_cache("labeled", data.labeled.images, device)

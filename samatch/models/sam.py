@@ -183,9 +183,10 @@ class SamGuide(nn.Module):
         """(B, 1|3, H, W) images and prompts as in `decode` -> logits (B, K, 256, 256)."""
         return self.decode(self.encode(images), boxes, points, mask_inputs)
 
-    def compile_decoder(self) -> None:
-        """Decode the folded path through ``torch.compile`` (the same logits to float rounding)."""
-        self._compiled_fold = torch.compile(self._predict_masks_folded)
+    def compile_decoder(self, mode: str = "default") -> None:
+        """Decode the folded path through ``torch.compile`` in ``mode`` (the same logits to float
+        rounding)."""
+        self._compiled_fold = torch.compile(self._predict_masks_folded, mode=mode)
 
     def _tokens(self, sparse: torch.Tensor) -> torch.Tensor:
         """(B*K, T, 256) sparse prompt embeddings -> (B*K, 5 + T, 256): SAM's IoU token and 4 mask
