@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from samatch import allocator
 from samatch.losses import dice_loss
 from samatch.methods.sam_guided import SamGuidance
 from samatch.prompts import boxes_from_masks, boxes_from_probs, largest_component
@@ -61,6 +62,7 @@ def test_quick_run_writes_three_modes_and_their_ratios(tmp_path):
         rows["reference"]["ms_median"] / rows["joint"]["ms_median"]
     )
     assert result["hardware"]["torch"] == torch.__version__ and result["hardware"]["cpu"]
+    assert result["hardware"]["allocator"] == allocator.describe()  # this process's: run in-process
     # Costs and floors: four encoder passes make the reference the largest step.
     rates = result["device_rates"]["cpu"]
     assert rates["matmul_fp32_gflops"] > 0 and rates["copy_gbps"] > 0
