@@ -50,7 +50,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
-from samatch.config import TrainConfig, apply_overrides  # noqa: E402
+from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
 from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss  # noqa: E402
@@ -606,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--compile-mode",
+        choices=COMPILE_MODES,
         default="default",
         help="schedule.compile_mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
     )

@@ -171,13 +171,13 @@ def relaunch(choice: str, argv: list[str] | None, parser: argparse.ArgumentParse
         return
     try:
         name = _to_add(choice, os.environ)
-        env = launch_env(choice)
+        if name is None or (active() == name and keeps_pages(name)):  # nothing to add
+            return
+        env = launch_env(name)
     except ValueError as err:
         if parser is None:
             raise
         parser.error(str(err))
-    if name is None or (active() == name and keeps_pages(name)):  # nothing to add
-        return
     env[_RELAUNCHED] = "1"
     sys.stdout.flush()
     sys.stderr.flush()

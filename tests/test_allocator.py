@@ -49,6 +49,10 @@ def probe(env: dict[str, str]) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
+class Started(Exception):
+    """Raised by a recording stand-in for ``os.execve``: the process would have been replaced."""
+
+
 def needs_mimalloc() -> Path:
     lib = allocator.library("mimalloc")
     if lib is None:
@@ -155,9 +159,6 @@ def test_every_entry_point_starts_again_before_its_work(monkeypatch, module, arg
 
     lib = needs_mimalloc()
 
-    class Started(Exception):
-        pass
-
     def fake_execve(path, argv, env):
         raise Started(env)
 
@@ -179,9 +180,6 @@ def test_deploy_supernode_gives_its_clientapps_the_allocator(tmp_path, monkeypat
 
     started = {}
 
-    class Started(Exception):
-        pass
-
     def fake_execve(path, argv, env):  # do_supernode execs flower-supernode: record, start nothing
         started.update(path=path, env=env)
         raise Started
@@ -194,9 +192,7 @@ def test_deploy_supernode_gives_its_clientapps_the_allocator(tmp_path, monkeypat
     with pytest.raises(Started):
         cli.main([*common, "--allocator", "system"])
     assert "LD_PRELOAD" not in started["env"] and Path(started["path"]).name == "flower-supernode"
-    lib = allocator.library("mimalloc")
-    if lib is None:
-        pytest.skip("cmeel-mimalloc not installed (not Linux)")
+    lib = needs_mimalloc()
     with pytest.raises(Started):
         cli.main([*common, "--allocator", "mimalloc"])
     assert started["env"]["LD_PRELOAD"] == str(lib) and started["env"]["MIMALLOC_PURGE_DELAY"] == "-1"
