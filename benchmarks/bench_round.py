@@ -73,13 +73,14 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -88,7 +89,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_step import hardware  # noqa: E402
 from benchmarks.round_cases import (  # noqa: E402
     ENGINES,
     FULL_CASES,
@@ -104,6 +104,9 @@ from benchmarks.round_payloads import bench_payloads, payload_for  # noqa: E402
 from deploy.cli import site_state_dir  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
+from samatch.hardware import hardware  # noqa: E402
+
+CASE_FIELDS = tuple(f.name for f in fields(Case))  # a result row's case settings (older rows lack some)
 
 # ---- flwr run and deployment engines ----------------------------------------------------------------
 
@@ -215,6 +218,8 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         evaluate_every=1,
         timeout=timeout,
         threads=1,
+        warm=case.warm,
+        poll_interval=case.poll_s,
     )
     # The rehearsal's own data (phantom patients as NIfTI files) and settings, then ours.
     overrides = scale.run_config(case)
@@ -246,6 +251,31 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         "leftovers_running": leftovers,
         "log_tail": None if outcome.returncode == 0 else outcome.log[-3000:],
         "clientapp_cold_start": cold_start(rehearsal.out_dir / "config.json", node, cfg.threads),
+        "clientapp_warm_processes": warm_processes(rehearsal.root / "logs"),
+    }
+
+
+WARM_EXIT = re.compile(r"warm server \d+: process \d+ exited (-?\d+) after ([\d.]+) s")
+
+
+def warm_processes(log_dir: Path) -> dict | None:
+    """The ClientApp processes the sites' warm servers forked (deploy/warm.py logs each one's exit
+    in its SuperNode's log): how many, how many failed, median and max seconds from fork to exit
+    (the message's whole local work: training and evaluation included). None without any."""
+    ends = [
+        m.groups()
+        for log in sorted(log_dir.glob("supernode-*.log"))
+        for m in WARM_EXIT.finditer(log.read_text())
+    ]
+    if not ends:
+        return None
+    seconds = [float(s) for _, s in ends]
+    failed = sum(code != "0" for code, _ in ends)
+    return {
+        "count": len(ends),
+        "failed": failed,
+        "median_s": statistics.median(seconds),
+        "max_s": max(seconds),
     }
 
 
@@ -364,26 +394,49 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def runs_of(cases: list[dict]) -> dict[str, list[float]]:
+    """Per case run more than once (``--runs``): the overhead of each run (its warm rounds' median)."""
+    overheads: dict[str, list[float]] = {}
+    for c in cases:
+        if c["summary"].get("overhead_s") is not None:
+            overheads.setdefault(c["name"], []).append(c["summary"]["overhead_s"])
+    return {name: values for name, values in overheads.items() if len(values) > 1}
+
+
 def cases_table(cases: list[dict]) -> list[str]:
     lines = [
-        "| engine | method | transport | packed | evaluate-then-train | round wall s | train s | evaluate s "
-        "| overhead s | round 1 wall s | up MB / site | down MB / site |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | method | transport | packed | evaluate-then-train | SuperNode | round wall s | train s "
+        "| evaluate s | overhead s | round 1 wall s | up MB / site | down MB / site |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         s = c["summary"]
         up, down = s.get("up_bytes_per_site"), s.get("down_bytes_per_site")
         joint = "yes" if c.get("evaluate_then_train") else "no"
+        # rows from before deploy/node.py have no "warm": Flower's own runtime, not labelled
+        node = (Case(**{k: c[k] for k in CASE_FIELDS if k in c}).supernode if "warm" in c else "") or "-"
         lines.append(
             f"| {c['engine']} | {c['method']} | {c['transport']} | {'yes' if c['pack'] else 'no'} | {joint} "
+            f"| {node} "
             f"| {_fmt(s.get('wall_s'), '.2f')} | {_fmt(s.get('train_s'), '.2f')} "
             f"| {_fmt(s.get('evaluate_s'), '.2f')} | {_fmt(s.get('overhead_s'), '.2f')} "
             f"| {_fmt(s.get('round1_wall_s'), '.1f')} | {_fmt(up and up / MB, '.2f')} "
             f"| {_fmt(down and down / MB, '.2f')} |"
         )
+    for name, overheads in runs_of(cases).items():
+        lines.append(
+            f"{name}: overhead median {statistics.median(overheads):.2f} s over {len(overheads)} runs "
+            f"({min(overheads):.2f}-{max(overheads):.2f})"
+        )
     for c in cases:
         if c.get("error"):
             lines.append(f"{c['name']}: failed: {c['error']}")
+        if c.get("clientapp_warm_processes"):
+            w = c["clientapp_warm_processes"]
+            lines.append(
+                f"{c['name']}: {w['count']} ClientApp processes forked warm ({w['failed']} failed), "
+                f"fork to exit median {w['median_s']:.2f} s, max {w['max_s']:.2f} s"
+            )
         if c.get("clientapp_cold_start"):
             cold = c["clientapp_cold_start"]
             lines.append(
@@ -433,10 +486,14 @@ def format_table(result: dict) -> str:
     return "\n\n".join("\n".join(p) for p in parts if p)
 
 
-def select_cases(engines: list[str], quick: bool, methods: list[str] | None = None) -> list[Case]:
+def select_cases(
+    engines: list[str], quick: bool, methods: list[str] | None = None, only: str = ""
+) -> list[Case]:
+    """The full benchmark's cases of these engines and methods whose name contains ``only``."""
     if quick:
         return [Case("inprocess", "unimatch", "fp32"), Case("inprocess", "unimatch", "fp16")]
-    return [c for c in FULL_CASES if c.engine in engines and (not methods or c.method in methods)]
+    chosen = [c for c in FULL_CASES if c.engine in engines and (not methods or c.method in methods)]
+    return [c for c in chosen if only in c.name]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -448,6 +505,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated: only cases of these methods (" + ", ".join(METHODS) + ")",
     )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per run (default 4; quick 2)")
+    parser.add_argument("--runs", type=int, default=1, help="run every case this many times, in turns")
+    parser.add_argument("--only", default="", help='only cases whose name contains this (e.g. "then-train")')
     parser.add_argument("--sites", type=int, default=2, help="sites (default 2: one per core here)")
     parser.add_argument("--local-iterations", type=int, default=None, help="steps per round (2; quick 1)")
     parser.add_argument("--size", type=int, default=32, help="data.size of the sites' slices")
@@ -482,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scale = Scale(args.sites, args.rounds, args.local_iterations, args.size, args.base_channels)
-    cases = select_cases(args.engines, args.quick, args.methods)
+    cases = select_cases(args.engines, args.quick, args.methods, args.only)
     result = {
         "benchmark": "federation_round",
         "command": "python benchmarks/bench_round.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -498,18 +557,24 @@ def main(argv: list[str] | None = None) -> int:
     result["cases"] = []
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_round-")))
-        for i, case in enumerate(cases):
-            log(f"{case.name}: {scale.sites} sites x {scale.rounds} rounds x {scale.local_iterations} steps")
-            row = run_case(
-                case,
-                scale,
-                result["payloads"],
-                Path(work) / f"{i}_{case.name.replace(' ', '_')}",
-                args.timeout,
-            )
-            wall, over = (_fmt(row["summary"].get(k), ".2f") for k in ("wall_s", "overhead_s"))
-            log(f"  warm round {wall} s, overhead {over} s" + (f"; {row['error']}" if "error" in row else ""))
-            result["cases"].append(row)
+        # --runs N: the cases in turn, N times over, so a drifting load on the machine meets them all
+        for run in range(1, args.runs + 1):
+            size = f"{scale.sites} sites x {scale.rounds} rounds x {scale.local_iterations} steps"
+            for i, case in enumerate(cases):
+                log(f"{case.name} (run {run} of {args.runs}): {size}")
+                row = run_case(
+                    case,
+                    scale,
+                    result["payloads"],
+                    Path(work) / f"{run}_{i}_{case.name.replace(' ', '_')}",
+                    args.timeout,
+                )
+                wall, over = (_fmt(row["summary"].get(k), ".2f") for k in ("wall_s", "overhead_s"))
+                log(
+                    f"  warm round {wall} s, overhead {over} s"
+                    + (f"; {row['error']}" if "error" in row else "")
+                )
+                result["cases"].append({**row, "run": run})
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
     print(format_table(result))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -53,6 +52,7 @@ from samatch import allocator  # noqa: E402
 from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
+from samatch.hardware import hardware  # noqa: E402
 from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss  # noqa: E402
 from samatch.methods.match import cutmix  # noqa: E402
 from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks  # noqa: E402
@@ -542,29 +542,6 @@ def ratios(rows: list[dict]) -> list[dict]:
             }
         )
     return out
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "allocator": allocator.describe(),
-    }
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,22 @@ class Case:
     transport: str = "fp32"
     pack: bool = False
     evaluate_then_train: bool = False  # one message per site per round (federation/evaluate_then_train.py)
+    # deploy only: `deploy supernode --warm` and `--poll-interval` (deploy/node.py); False / 3.0 is
+    # Flower 1.42's own runtime (a fresh ClientApp process per message, a 3 s idle poll)
+    warm: bool = True
+    poll_s: float = 0.5
+
+    @property
+    def supernode(self) -> str:
+        if self.engine != "deploy":
+            return ""
+        return f"{'warm' if self.warm else 'fresh'}, poll {self.poll_s:g} s"
 
     @property
     def name(self) -> str:
         joint = " evaluate-then-train" if self.evaluate_then_train else ""
-        return f"{self.engine} {self.method} {self.transport}{' packed' if self.pack else ''}{joint}"
+        node = f" ({self.supernode})" if self.supernode else ""
+        return f"{self.engine} {self.method} {self.transport}{' packed' if self.pack else ''}{joint}{node}"
 
 
 # The full benchmark's runs; --quick keeps the first two in-process ones.
@@ -44,9 +55,10 @@ FULL_CASES = (
     Case("flwr-run", "unimatch", "fp32", evaluate_then_train=True),
     Case("deploy", "unimatch", "fp32", pack=True),
     Case("deploy", "unimatch", "fp32"),
-    # the deployment's default (deploy/commands.py)
+    # the deployment's default (deploy/commands.py, deploy/node.py), then on Flower 1.42's own runtime
     Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
-    # a SAM-Match site: every message's fresh process also builds SAM (its embeddings cached on disk)
+    Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True, warm=False, poll_s=3.0),
+    # a SAM-Match site: every message's process also builds SAM (its embeddings cached on disk)
     Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True),
 )
 

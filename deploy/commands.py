@@ -166,6 +166,13 @@ def supernode_argv(
     return argv + ["--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(node_key)]
 
 
+def node_argv(flower_argv: list[str], poll_interval: float, warm: bool = True) -> list[str]:
+    """``flower_argv`` (a :func:`supernode_argv`) run through :mod:`deploy.node`: the SuperNode's idle
+    poll capped at ``poll_interval`` s and, with ``warm``, ClientApps forked from a warm process."""
+    wrapper = [sys.executable, "-m", "deploy.node", "--poll-interval", f"{poll_interval:g}"]
+    return [*wrapper, "--warm" if warm else "--no-warm", "--", *flower_argv[1:]]
+
+
 def write_connection(
     flwr_home: Path, name: str, address: str, ca_cert: Path | None, insecure: bool = False
 ) -> Path:

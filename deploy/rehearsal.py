@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.commands import REPO, flower_env, run_config_arg
+from deploy.node import DEFAULT_POLL_S
 from deploy.pki import PkiLayout
 from deploy.procs import Managed, ProcessSet
 
@@ -50,6 +51,8 @@ class RehearsalConfig:
     timeout: float = 600.0  # bound on one `deploy run`
     threads: int = 1  # torch threads per ClientApp
     restart_delay: float = 3.0  # SuperNodes run under `deploy supernode --restart-delay`
+    warm: bool = True  # `deploy supernode --warm`: ClientApps forked from a warm process
+    poll_interval: float = DEFAULT_POLL_S  # `deploy supernode --poll-interval`
     aggregation: str = "mean"
     # The deployment's plumbing, not the method, is rehearsed: UniMatch, whatever the app's default
     # (SAM-Match costs seconds per step and per encoded slice in every fresh ClientApp process here).
@@ -240,7 +243,16 @@ class Rehearsal:
             str(self.cfg.restart_delay),
             "--flwr-home",
             str(self.site_homes[site]),
+            *self.runtime_args(),
         ]
+
+    def runtime_args(self) -> list[str]:
+        """``deploy supernode``'s runtime options where they differ from its defaults (so the
+        rehearsal's commands stay those of docs/deployment.md)."""
+        args = [] if self.cfg.warm else ["--no-warm"]
+        if self.cfg.poll_interval != DEFAULT_POLL_S:
+            args += ["--poll-interval", f"{self.cfg.poll_interval:g}"]
+        return args
 
     def start_site(self, site: str, data_root: Path | None = None) -> Managed:
         return self.start(f"supernode-{site}", *self.supernode_args(site, data_root))

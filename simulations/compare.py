@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -68,6 +67,7 @@ from federation.config import FederationConfig, Site, parse_run_config, site_fro
 from samatch import allocator
 from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
+from samatch.hardware import hardware
 from samatch.io.base import Case, DataError
 from samatch.splits import Splits, save_splits
 from simulations.compare_report import REFERENCE, write_outputs
@@ -403,26 +403,6 @@ def dataset_name(cfg: TrainConfig) -> str:
     if cfg.data.format.startswith("phantom-"):
         return f"{cfg.data.format} sites {cfg.data.root}"
     return f"{Path(cfg.data.root).name} ({cfg.data.format or 'auto'})"
-
-
-def hardware() -> dict[str, Any]:
-    cpu = ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "allocator": allocator.describe(),
-    }
 
 
 def round_histories(plan: Plan, fed_rounds: list[dict], central_history: list[dict]) -> dict:

@@ -76,6 +76,7 @@ def site_line(site: dict) -> str:
 def markdown(result: dict) -> str:
     """The whole comparison as markdown: set-up lines, then a Dice and an HD95 table."""
     c, hw = result["compute"], result["hardware"]
+    gpu = hw.get("gpu") or hw.get("cuda")  # results before samatch.hardware named the GPU "cuda"
     units = result["arms"][REFERENCE]["rows"][0]["units"]
     n_cases = len(result["case_site"])
     m = len(result["tests"]["dice"])
@@ -98,7 +99,7 @@ def markdown(result: dict) -> str:
         f"per case, then over the patient's cases), Bonferroni over {m} comparisons; Δ mean = arm − "
         "centralized over patients (the mean column is over cases).",
         f"- Hardware: {hw['cpu'] or 'CPU'}, {hw['cores']} cores, torch {hw['torch']} "
-        f"({hw['torch_threads']} threads){', ' + hw['cuda'] if hw.get('cuda') else ''}; wall time "
+        f"({hw['torch_threads']} threads){', ' + gpu if gpu else ''}; wall time "
         + ", ".join(f"{k} {v:.0f} s" for k, v in result["seconds"].items())
         + ".",
         f"- Command: `{result.get('command', '')}`",

@@ -36,7 +36,8 @@ from federation.inprocess import run_inprocess
 from federation.local import clear_sessions, get_session, load_state
 from federation.state import from_wire
 from samatch import allocator
-from simulations.compare import hardware, load_run_config
+from samatch.hardware import hardware
+from simulations.compare import load_run_config
 
 ARMS = {"shared": "all", "per-task": "task"}
 

@@ -180,8 +180,8 @@ def test_deploy_supernode_gives_its_clientapps_the_allocator(tmp_path, monkeypat
 
     started = {}
 
-    def fake_execve(path, argv, env):  # do_supernode execs flower-supernode: record, start nothing
-        started.update(path=path, env=env)
+    def fake_execve(path, argv, env):  # do_supernode execs the SuperNode: record, start nothing
+        started.update(path=path, argv=argv, env=env)
         raise Started
 
     monkeypatch.setattr(cli.os, "execve", fake_execve)
@@ -191,7 +191,11 @@ def test_deploy_supernode_gives_its_clientapps_the_allocator(tmp_path, monkeypat
 
     with pytest.raises(Started):
         cli.main([*common, "--allocator", "system"])
-    assert "LD_PRELOAD" not in started["env"] and Path(started["path"]).name == "flower-supernode"
+    assert "LD_PRELOAD" not in started["env"]  # deploy.node runs Flower's SuperNode
+    assert started["path"] == sys.executable and started["argv"][1:3] == [
+        "-m",
+        "deploy.node",
+    ]  # Flower's, wrapped
     lib = needs_mimalloc()
     with pytest.raises(Started):
         cli.main([*common, "--allocator", "mimalloc"])

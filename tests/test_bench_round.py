@@ -59,7 +59,7 @@ def payload(result: dict, method: str, transport: str, pack: bool = False) -> di
 
 def test_quick_run_json_structure(quick):
     assert quick["benchmark"] == "federation_round" and quick["scale"]["base_channels"] == 16
-    assert quick["hardware"]["cpu_count"] >= 1 and len(quick["load_average_1min"]) == 2
+    assert quick["hardware"]["cores"] >= 1 and len(quick["load_average_1min"]) == 2
     assert {(p["method"], p["transport"], p["pack"]) for p in quick["payloads"]} == {
         (m, t, pack) for m in bench.METHODS for t in ("fp32", "fp16") for pack in (False, True)
     }
@@ -227,4 +227,48 @@ def test_select_cases_by_engine_and_method():
         bench.Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True)
     ]
     deploy = bench.select_cases(["deploy"], quick=False)
-    assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 4
+    assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 5
+    # the deployment's default and Flower 1.42's own runtime, by name
+    assert bench.select_cases(["deploy"], quick=False, methods=["unimatch"], only="then-train") == [
+        bench.Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
+        bench.Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True, warm=False, poll_s=3.0),
+    ]
+
+
+def test_warm_processes_read_from_the_supernode_logs(tmp_path):
+    # Prepare: two sites' logs as deploy/warm.py writes them, and another log that is not a SuperNode's
+    (tmp_path / "supernode-hospitalA.log").write_text(
+        "warm server 10: forked flwr-clientapp process 11\n"
+        "warm server 10: process 11 exited 0 after 0.80 s\n"
+        "warm server 10: process 12 exited 0 after 1.20 s\n"
+    )
+    (tmp_path / "supernode-hospitalB.log").write_text("warm server 20: process 21 exited 1 after 3.00 s\n")
+    (tmp_path / "superlink.log").write_text("warm server 30: process 31 exited 0 after 9.00 s\n")
+
+    # Execute
+    seen = bench.warm_processes(tmp_path)
+
+    # Assert: 3 processes, median of (0.8, 1.2, 3.0) = 1.2, one failed
+    assert seen == {"count": 3, "failed": 1, "median_s": 1.2, "max_s": 3.0}
+    assert bench.warm_processes(tmp_path / "nothing") is None
+
+
+def test_runs_of_a_case_are_gathered_by_name():
+    # Prepare: case a ran three times, case b once, case c failed once
+    def row(name, overhead):
+        return {"name": name, "summary": {} if overhead is None else {"overhead_s": overhead}}
+
+    cases = [row("a", 2.0), row("b", 5.0), row("a", 1.5), row("c", None), row("a", 3.0)]
+
+    # Execute / Assert: only cases with more than one run, in their order
+    assert bench.runs_of(cases) == {"a": [2.0, 1.5, 3.0]}
+    keys = {
+        "engine": "deploy",
+        "method": "unimatch",
+        "transport": "fp32",
+        "pack": True,
+        "warm": True,
+        "poll_s": 0.5,
+    }
+    table = "\n".join(bench.cases_table([{**c, **keys} for c in cases]))
+    assert "a: overhead median 2.00 s over 3 runs (1.50-3.00)" in table

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -97,6 +98,13 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
     ).is_file()
     link_log = (tmp_path / "logs" / "superlink.log").read_text()
     assert "--enable-supernode-auth" in link_log and "Uvicorn running on https://127.0.0.1" in link_log
+    for site in ("hospitalA", "hospitalB", "hospitalC"):
+        node_log = (tmp_path / "logs" / f"supernode-{site}.log").read_text()
+        # deploy supernode --warm (the default): every message's ClientApp was forked warm
+        started = node_log.count("Start `flwr-clientapp` process")
+        forked = len(re.findall(r"warm server \d+: forked flwr-clientapp process \d+", node_log))
+        assert started >= 2 and forked == started, (site, started, forked)
+    print("checked: every ClientApp process was forked from its site's warm server")
     if allocator.resolve(allocator.default_choice()) == "mimalloc":  # deploy supernode's default
         for site in ("hospitalA", "hospitalB", "hospitalC"):
             node_log = (tmp_path / "logs" / f"supernode-{site}.log").read_text()

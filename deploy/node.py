@@ -1,0 +1,106 @@
+"""``python -m deploy.node [--poll-interval S] [--no-warm] -- <flower-supernode arguments>``: Flower
+1.42's SuperNode with the two per-message costs of its runtime cut (what ``deploy supernode`` runs).
+
+* **Idle poll.** The SuperNode asks the SuperLink for a message, and when there is none it sleeps a
+  fixed 3 s (``flwr/supernode/start_client_internal.py``, not configurable in 1.42); it always finds
+  none right after replying, so each round waits up to 3 s more per site. ``--poll-interval`` caps
+  that sleep by replacing the module's ``time`` with :class:`CappedSleep`. Each idle site then asks
+  the SuperLink 1 / ``poll-interval`` times a second instead of once every 3 s. (The loop's 0.5 s
+  waits for the ClientApp's reply are left: 0.05 s made no measurable difference here.)
+* **A fresh process per message.** ``--warm`` (the default) starts :mod:`deploy.warm`'s server
+  beside the SuperNode and puts its ``flwr-clientapp`` launcher first on PATH, so each message's
+  ClientApp is forked from a process that has already imported torch and flwr.
+
+Both reach into Flower 1.42's internals; ``tests/test_deploy_node.py`` fails if the SuperNode's
+loop no longer sleeps through the name patched here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from deploy import warm
+
+DEFAULT_POLL_S = 0.5
+POLL_LOOP = "start_client_internal"  # the function whose sleep is the idle poll
+
+
+class CappedSleep:
+    """Stands in for the ``time`` module inside one module: ``sleep(s)`` called from the function
+    named ``caller`` sleeps ``min(s, cap)``, from anywhere else ``s``; every other attribute is
+    ``clock``'s."""
+
+    def __init__(self, cap: float, caller: str = POLL_LOOP, clock=time):
+        if cap <= 0:
+            raise ValueError(f"poll interval {cap}: must be > 0 s")
+        self.cap, self.caller, self._clock = float(cap), caller, clock
+
+    def sleep(self, seconds: float) -> None:
+        capped = sys._getframe(1).f_code.co_name == self.caller
+        self._clock.sleep(min(seconds, self.cap) if capped else seconds)
+
+    def __getattr__(self, name: str):
+        return getattr(self._clock, name)
+
+
+def cap_supernode_poll(cap: float):
+    """Cap the sleep of Flower's SuperNode loop after a request that found no message at ``cap`` s
+    (its other waits, on the SuperNode's own state, are left as they are). The patched module."""
+    from flwr.supernode import start_client_internal as loop
+
+    clock = loop.time
+    loop.time = CappedSleep(cap, POLL_LOOP, clock._clock if isinstance(clock, CappedSleep) else clock)
+    return loop
+
+
+def start_warm_server(real_clientapp: Path) -> subprocess.Popen:
+    """Start :mod:`deploy.warm`'s server for this process (it exits when this process does) and
+    point ``flwr-clientapp`` on this process's PATH at its launcher."""
+    folder = Path(tempfile.mkdtemp(prefix="fedsamatch-warm-"))  # short: a socket path has <= 107 bytes
+    warm.write_launcher(folder)
+    sock = folder / "server.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "deploy.warm", "--socket", str(sock), "--parent-pid", str(os.getpid())],
+        cwd=Path(__file__).resolve().parents[1],
+        start_new_session=True,  # a terminal's Ctrl-C reaches a child once, through its launcher
+    )
+    os.environ[warm.SOCKET_ENV] = str(sock)
+    os.environ[warm.FALLBACK_ENV] = str(real_clientapp)
+    os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.node", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=DEFAULT_POLL_S,
+        help="longest sleep (s) after a request that found no message",
+    )
+    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True, help="fork ClientApps warm")
+    p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    args = p.parse_args(argv)
+    flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
+    if args.poll_interval <= 0:
+        p.error(f"--poll-interval {args.poll_interval}: must be > 0 s")
+    cap_supernode_poll(args.poll_interval)
+    if args.warm and (why := warm.unavailable()):
+        print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)
+    elif args.warm:
+        start_warm_server(Path(sys.executable).parent / warm.LAUNCHER)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

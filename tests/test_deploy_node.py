@@ -1,0 +1,261 @@
+"""deploy.node and deploy.warm: the SuperNode's capped poll and the warm ClientApp server.
+
+The server tests start ``python -m deploy.warm`` with a probe entry point instead of Flower's
+``flwr-clientapp`` (the rehearsal, tests/test_deploy_rehearsal.py, runs the real one) and talk to it
+through the launcher file it would get on a SuperNode's PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from deploy import commands as cmd
+from deploy import node, warm
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = textwrap.dedent(
+    """
+    import json, os, sys, time
+
+    def main():
+        if sys.argv[1:] == ["sleep"]:
+            print("ready", flush=True)
+            time.sleep(60)
+        print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "x": os.environ.get("X"),
+                          "server_only": os.environ.get("SERVER_ONLY"), "stdin": sys.stdin.readline(),
+                          "ppid": os.getppid(), "server": os.environ.get("FEDSAMATCH_WARM_SERVER"),
+                          "heavy": "probe_heavy" in sys.modules}))
+        if sys.argv[1] == "return":
+            return
+        sys.exit(int(sys.argv[1]))
+    """
+)
+
+
+class FakeClock:
+    def __init__(self):
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def monotonic(self) -> float:
+        return 42.0
+
+
+def test_capped_sleep_shortens_only_the_loops_longer_sleeps():
+    # Prepare
+    clock = FakeClock()
+    capped = node.CappedSleep(0.5, "start_client_internal", clock)
+
+    def start_client_internal():  # named as the SuperNode's loop
+        capped.sleep(3)
+        capped.sleep(0.2)
+
+    # Execute
+    start_client_internal()
+    capped.sleep(3)  # from elsewhere (e.g. the wait for the ClientApp's reply): unchanged
+
+    # Assert: 3 s -> 0.5 s, 0.2 s unchanged; the rest is the clock's
+    assert clock.slept == [0.5, 0.2, 3]
+    assert capped.monotonic() == 42.0
+    with pytest.raises(ValueError, match="must be > 0"):
+        node.CappedSleep(0)
+
+
+def test_supernode_loop_sleeps_through_the_patched_name():
+    # Prepare: Flower 1.42's loop sleeps 3 s through its module's `time` when no message came
+    from flwr.supernode import start_client_internal as loop
+
+    assert "import time\n" in inspect.getsource(loop), "Flower's SuperNode module changed"
+    assert "time.sleep(3)" in inspect.getsource(getattr(loop, node.POLL_LOOP)), (
+        "Flower's SuperNode loop changed"
+    )
+    original = loop.time
+
+    # Execute: patched twice (a restarted SuperNode in one process), the cap of the last call holds
+    try:
+        node.cap_supernode_poll(2.0)
+        patched = node.cap_supernode_poll(0.5)
+        clock = loop.time
+    finally:
+        loop.time = original
+
+    # Assert
+    assert patched is loop and isinstance(clock, node.CappedSleep) and clock.cap == 0.5
+    assert clock.caller == "start_client_internal"
+    assert clock._clock is original and clock.time is original.time
+
+
+def test_node_argv_wraps_the_flower_command():
+    # Execute
+    flower = ["/venv/bin/flower-supernode", "--superlink", "h:9093", "--insecure"]
+    argv = cmd.node_argv(flower, 0.25, warm=False)
+
+    # Assert
+    assert (
+        argv
+        == [sys.executable, "-m", "deploy.node", "--poll-interval", "0.25", "--no-warm", "--"] + flower[1:]
+    )
+
+
+def test_warm_up_drops_the_project_packages_it_imported(tmp_path, monkeypatch):
+    # Prepare: a project package and a third-party-like module
+    (tmp_path / "fakeproj").mkdir()
+    (tmp_path / "fakeproj" / "__init__.py").write_text("")
+    (tmp_path / "fakeproj" / "sub.py").write_text("import fakelib\n")
+    (tmp_path / "fakelib.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    # Execute
+    try:
+        warm.warm_up(("fakeproj.sub", "no_such_module_xyz"), project=("fakeproj",))
+        kept = "fakelib" in sys.modules
+        dropped = not any(name.startswith("fakeproj") for name in sys.modules)
+    finally:
+        sys.modules.pop("fakelib", None)
+
+    # Assert: the dependency stays imported, the project's own modules are gone, a missing one skipped
+    assert kept and dropped
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A warm server with the probe entry point; yields (process, launcher, socket)."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "probe_heavy.py").write_text(f"open({str(tmp_path / 'imports.txt')!r}, 'a').write('x')\n")
+    folder = tmp_path / "warm"
+    folder.mkdir()
+    launcher = warm.write_launcher(folder)
+    sock = folder / "server.sock"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "SERVER_ONLY": "server"}
+    argv = [sys.executable, "-m", "deploy.warm", "--socket", str(sock), "--parent-pid", str(os.getpid())]
+    proc = subprocess.Popen([*argv, "--entry", "probe:main", "--imports", "probe_heavy"], cwd=REPO, env=env)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        yield proc, launcher, sock
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_each_launch_runs_in_a_fork_of_the_warm_server(server, tmp_path):
+    # Prepare
+    proc, launcher, sock = server
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, warm.SOCKET_ENV: str(sock), "X": "hello"}
+
+    # Execute: three messages' ClientApps (exit 3, exit 0, return)
+    out = dict(cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    runs = [subprocess.run([str(launcher), arg], input=f"in {arg}\n", **out) for arg in ("3", "0", "return")]
+
+    # Assert: arguments, folder, environment (only the launcher's), standard streams and exit status
+    # are the launcher's; the parent is the server, which imported the warm module once for all
+    assert [r.returncode for r in runs] == [3, 0, 0], [r.stderr for r in runs]
+    for run, arg in zip(runs, ("3", "0", "return"), strict=True):
+        seen = json.loads(run.stdout)
+        assert seen == {
+            "argv": ["flwr-clientapp", arg],
+            "cwd": str(work),
+            "x": "hello",
+            "server_only": None,
+            "stdin": f"in {arg}\n",
+            "ppid": proc.pid,
+            "server": str(proc.pid),
+            "heavy": True,
+        }
+        assert f"warm server {proc.pid}: forked flwr-clientapp process" in run.stderr
+    assert (tmp_path / "imports.txt").read_text() == "x"
+
+
+def test_a_signal_to_the_launcher_reaches_the_child(server):
+    # Prepare
+    _, launcher, sock = server
+    env = {**os.environ, warm.SOCKET_ENV: str(sock)}
+    run = subprocess.Popen(
+        [str(launcher), "sleep"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert run.stdout.readline() == "ready\n"
+    child = int(run.stderr.readline().rsplit(" ", 1)[1])
+
+    # Execute
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=30)
+
+    # Assert: the child ended by the same signal, and so did the launcher
+    assert run.returncode == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+
+
+@pytest.mark.parametrize("left", ["nothing", "a stale socket"])
+def test_without_a_server_the_launcher_runs_the_real_clientapp(tmp_path, left):
+    # Prepare: a stand-in for the real flwr-clientapp; no folder, or the socket of a killed server
+    real = tmp_path / "real-clientapp"
+    real.write_text('#!/bin/sh\necho real "$@"\nexit 4\n')
+    real.chmod(0o700)
+    launcher = warm.write_launcher(tmp_path)
+    sock = tmp_path / "gone" / "server.sock"
+    if left == "a stale socket":
+        sock.parent.mkdir()
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        dead.bind(str(sock))
+        dead.close()  # the file stays, nothing listens
+    env = {**os.environ, warm.SOCKET_ENV: str(sock), warm.FALLBACK_ENV: str(real)}
+
+    # Execute: well within the launcher's wait for a server that is still starting
+    run = subprocess.run([str(launcher), "--token", "t"], env=env, capture_output=True, text=True, timeout=10)
+
+    # Assert
+    assert (run.returncode, run.stdout) == (4, "real --token t\n")
+
+
+def test_warm_imports_exist_and_the_project_packages_are_all_dropped():
+    # Every module the server warms can be found, and every package the project installs is one
+    # whose modules the server drops (else a child would run the server's copy, not the run's FAB)
+    assert all(importlib.util.find_spec(name) is not None for name in warm.WARM_IMPORTS)
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = setuptools["packages"]["find"]["include"]
+    assert {name.rstrip("*") for name in include} <= set(warm.PROJECT_PACKAGES)
+
+
+def test_the_server_stops_with_its_parent_and_removes_its_folder(tmp_path):
+    # Prepare: the server's parent is this test's process, not the PID it is told to watch
+    folder = tmp_path / "warm"
+    folder.mkdir()
+    warm.write_launcher(folder)
+    gone = subprocess.Popen(["true"])  # a process that has exited: its PID is nobody's parent
+    gone.wait()
+    argv = [sys.executable, "-m", "deploy.warm", "--socket", str(folder / "s.sock")]
+    argv += ["--parent-pid", str(gone.pid)]
+
+    # Execute
+    rc = subprocess.run([*argv, "--imports", ""], cwd=REPO, timeout=60).returncode
+
+    # Assert
+    assert rc == 0 and not folder.exists()
+
+
+def test_unavailable_names_what_this_system_lacks(monkeypatch):
+    # On this Linux machine everything is there; without pidfds the warm server cannot run
+    assert warm.unavailable() == ""
+    monkeypatch.delattr(os, "pidfd_open")
+    assert warm.unavailable() == "os.pidfd_open is missing here (Linux 5.3+ has it)"
