@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,10 +60,28 @@ def cap_supernode_poll(cap: float):
     return loop
 
 
+WARM_PREFIX = "fedsamatch-warm-"  # + the SuperNode's PID + "-": the warm server's folder in the temp dir
+
+
+def sweep_warm_folders(root: Path) -> list[Path]:
+    """Remove the warm servers' folders under ``root`` whose SuperNode is gone (a server removes its
+    own when it stops, but not when it is SIGKILLed); the folders removed."""
+    removed = []
+    for folder in Path(root).glob(f"{WARM_PREFIX}*-*"):
+        pid = folder.name[len(WARM_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 def start_warm_server(real_clientapp: Path) -> subprocess.Popen:
     """Start :mod:`deploy.warm`'s server for this process (it exits when this process does) and
     point ``flwr-clientapp`` on this process's PATH at its launcher."""
-    folder = Path(tempfile.mkdtemp(prefix="fedsamatch-warm-"))  # short: a socket path has <= 107 bytes
+    sweep_warm_folders(Path(tempfile.gettempdir()))
+    # short: a socket path has <= 107 bytes
+    folder = Path(tempfile.mkdtemp(prefix=f"{WARM_PREFIX}{os.getpid()}-"))
     warm.write_launcher(folder)
     sock = folder / "server.sock"
     server = subprocess.Popen(

@@ -259,3 +259,21 @@ def test_unavailable_names_what_this_system_lacks(monkeypatch):
     assert warm.unavailable() == ""
     monkeypatch.delattr(os, "pidfd_open")
     assert warm.unavailable() == "os.pidfd_open is missing here (Linux 5.3+ has it)"
+
+
+def test_sweep_removes_only_the_folders_of_gone_supernodes(tmp_path):
+    # Prepare: a folder of a SuperNode that has exited, one of this (live) process, and an unrelated one
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{node.WARM_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{node.WARM_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{node.WARM_PREFIX}xyz"
+    for folder in (dead, live, other):
+        folder.mkdir()
+        (folder / "server.sock").write_text("")
+
+    # Execute
+    removed = node.sweep_warm_folders(tmp_path)
+
+    # Assert
+    assert removed == [dead] and not dead.exists() and live.is_dir() and other.is_dir()
