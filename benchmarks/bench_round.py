@@ -80,7 +80,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -105,8 +105,6 @@ from deploy.cli import site_state_dir  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from samatch.hardware import hardware  # noqa: E402
-
-CASE_FIELDS = tuple(f.name for f in fields(Case))  # a result row's case settings (older rows lack some)
 
 # ---- flwr run and deployment engines ----------------------------------------------------------------
 
@@ -387,7 +385,14 @@ def run_case(case: Case, scale: Scale, payloads: list[dict], workdir: Path, time
     if case.engine != "inprocess":
         computed_bytes(payload_for(payloads, case), run["rounds"])
     summary = summarize(run["rounds"])
-    return {**asdict(case), "name": case.name, **run, "summary": summary, "goals": goals(summary)}
+    return {
+        **asdict(case),
+        "name": case.name,
+        "supernode": case.supernode,
+        **run,
+        "summary": summary,
+        "goals": goals(summary),
+    }
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -413,8 +418,7 @@ def cases_table(cases: list[dict]) -> list[str]:
         s = c["summary"]
         up, down = s.get("up_bytes_per_site"), s.get("down_bytes_per_site")
         joint = "yes" if c.get("evaluate_then_train") else "no"
-        # rows from before deploy/node.py have no "warm": Flower's own runtime, not labelled
-        node = (Case(**{k: c[k] for k in CASE_FIELDS if k in c}).supernode if "warm" in c else "") or "-"
+        node = c.get("supernode") or "-"  # rows from before deploy/node.py have none
         lines.append(
             f"| {c['engine']} | {c['method']} | {c['transport']} | {'yes' if c['pack'] else 'no'} | {joint} "
             f"| {node} "

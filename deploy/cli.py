@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from deploy import commands as cmd
-from deploy.node import DEFAULT_POLL_S
+from deploy.node import add_runtime_arguments
 from deploy.pki import PkiLayout, create_ca, create_site_key, issue_server_cert, server_cert_hosts
 from samatch import allocator
 
@@ -162,8 +162,6 @@ def site_state_dir(state_dir: str, flwr_home: str | None) -> str:
 
 
 def do_supernode(args: argparse.Namespace) -> int:
-    if args.poll_interval <= 0:
-        raise ValueError(f"--poll-interval {args.poll_interval:g}: must be > 0 s")
     site = cmd.SiteSpec(
         args.site_name,
         args.data_root,
@@ -297,18 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-port", type=int, default=9094, help="local ClientApp port (127.0.0.1)")
     p.add_argument("--threads", type=int, default=0, help="torch threads of the ClientApp (0: torch's)")
     p.add_argument("--restart-delay", type=float, default=0.0, help=">0: restart after exits/crashes")
-    p.add_argument(
-        "--poll-interval",
-        type=float,
-        default=DEFAULT_POLL_S,
-        help=f"longest wait (s) before asking again for a message (Flower: a fixed 3; {DEFAULT_POLL_S:g})",
-    )
-    p.add_argument(
-        "--warm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="fork each message's ClientApp from a process that has imported torch and flwr",
-    )
+    add_runtime_arguments(p)
     allocator.add_allocator_argument(p)
     p.add_argument("--flwr-home")
     p.add_argument("--insecure-plaintext", action="store_true", help=INSECURE_HELP)

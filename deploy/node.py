@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from deploy import warm
+from deploy.procs import alive
 
 DEFAULT_POLL_S = 0.5
 POLL_LOOP = "start_client_internal"  # the function whose sleep is the idle poll
@@ -69,7 +70,7 @@ def sweep_warm_folders(root: Path) -> list[Path]:
     removed = []
     for folder in Path(root).glob(f"{WARM_PREFIX}*-*"):
         pid = folder.name[len(WARM_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit() or Path(f"/proc/{pid}").exists():
+        if not pid.isdigit() or alive([int(pid)]):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
@@ -95,20 +96,36 @@ def start_warm_server(real_clientapp: Path) -> subprocess.Popen:
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deploy.node", description=__doc__.split("\n\n")[0])
+def poll_seconds(text: str) -> float:
+    """``--poll-interval``'s type: seconds, > 0."""
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0 s")
+    return value
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    """``--poll-interval`` and ``--warm`` / ``--no-warm``: here and on ``deploy supernode``."""
     p.add_argument(
         "--poll-interval",
-        type=float,
+        type=poll_seconds,
         default=DEFAULT_POLL_S,
-        help="longest sleep (s) after a request that found no message",
+        help=f"longest wait (s) before asking again for a message (Flower: a fixed 3; {DEFAULT_POLL_S:g})",
     )
-    p.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True, help="fork ClientApps warm")
+    p.add_argument(
+        "--warm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fork each message's ClientApp from a process that has imported torch and flwr",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deploy.node", description=__doc__.split("\n\n")[0])
+    add_runtime_arguments(p)
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = p.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    if args.poll_interval <= 0:
-        p.error(f"--poll-interval {args.poll_interval}: must be > 0 s")
     cap_supernode_poll(args.poll_interval)
     if args.warm and (why := warm.unavailable()):
         print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)

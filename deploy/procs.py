@@ -92,7 +92,8 @@ def _signal(pids: Iterable[int], sig: int) -> None:
             pass
 
 
-def _alive(pids: Iterable[int]) -> list[int]:
+def alive(pids: Iterable[int]) -> list[int]:
+    """Those of ``pids`` that run (signalable by us and not zombies)."""
     out = []
     for pid in pids:
         try:
@@ -171,10 +172,10 @@ class ProcessSet:
         pids = self.tree(name) if include_self else descendants(self.procs[name].pid)
         _signal(pids, sig)
         deadline = time.monotonic() + timeout
-        while _alive(pids) and time.monotonic() < deadline:
+        while alive(pids) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.1)
-        if _alive(pids):
+        if alive(pids):
             _signal(pids, signal.SIGKILL)
         self._reap()
         return pids
@@ -205,10 +206,10 @@ class ProcessSet:
         pids = [pid for n in names for pid in self.tree(n)]
         _signal(pids, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while _alive(pids) and time.monotonic() < deadline:
+        while alive(pids) and time.monotonic() < deadline:
             self._reap()
             time.sleep(0.1)
-        _signal(_alive(pids), signal.SIGKILL)
+        _signal(alive(pids), signal.SIGKILL)
         stragglers: list[int] = []
         for _ in range(50):
             found = self.leftovers()

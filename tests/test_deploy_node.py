@@ -7,6 +7,7 @@ through the launcher file it would get on a SuperNode's PATH.
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import inspect
 import json
@@ -277,3 +278,11 @@ def test_sweep_removes_only_the_folders_of_gone_supernodes(tmp_path):
 
     # Assert
     assert removed == [dead] and not dead.exists() and live.is_dir() and other.is_dir()
+
+
+def test_poll_interval_must_be_positive_seconds():
+    # deploy supernode and deploy.node share the option: 0.25 s is read as is, 0 and -1 s are refused
+    assert node.poll_seconds("0.25") == 0.25
+    for bad in ("0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"{bad}: must be > 0 s"):
+            node.poll_seconds(bad)
