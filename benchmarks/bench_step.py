@@ -19,7 +19,9 @@ after warm-up steps (``torch.cuda.synchronize`` around each step on CUDA), peak 
 (``/proc/self/statm`` sampled every 5 ms after ``malloc_trim``; ``ru_maxrss`` where /proc is
 missing), and the ratios joint / UniMatch and reference / joint. Per case also the FLOPs and bytes
 of one more step and its roofline floor over the device's measured rates (``benchmarks/step_cost.py``).
-Asserts nothing about time.
+Asserts nothing about time. With ``--cuda-graph`` (``schedule.cuda_graph``, CUDA only) the UniMatch and
+joint steps are replayed as recorded CUDA graphs (:mod:`samatch.step_graph`; the warm-up steps pay
+the recording), while the reference and the one step each of the counters runs eagerly.
 
     python benchmarks/bench_step.py [--device auto|cpu|cuda] [--batch 4,12] [--size 256]
         [--steps N] [--warmup N] [--quick] [--out runs/bench_step.json]
@@ -47,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.step_cost import device_rates, floor_ms, step_cost, synced_seconds  # noqa: E402
+from benchmarks.step_cost import device_rates, eager, floor_ms, step_cost, synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
@@ -379,7 +381,7 @@ def host_syncs(trainer: Trainer) -> dict:
     Empty on CPU, where there is nothing to wait for."""
     if trainer.device.type != "cuda":
         return {}
-    with warnings.catch_warnings(record=True) as caught:
+    with eager(trainer), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -468,7 +470,8 @@ def bench_device(
             method.__class__ = ReferenceSamMatch
             method.guide.sam.folded = False  # segment_anything's decoder as written
             try:
-                record("reference", b, amp, trainer)
+                with eager(trainer):  # its host syncs could not be recorded
+                    record("reference", b, amp, trainer)
             finally:
                 method.__class__ = SamMatch
                 method.guide.sam.folded = True
@@ -587,6 +590,11 @@ def main(argv: list[str] | None = None) -> int:
         default="default",
         help="schedule.compile_mode with --compile (reduce-overhead: CUDA graphs on a GPU)",
     )
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="schedule.cuda_graph: each step replayed as one recorded CUDA graph (the reference eagerly)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench_step.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -606,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         "schedule.keep_host_memory": args.keep_host_memory,
         "schedule.compile": args.compile,
         "schedule.compile_mode": args.compile_mode,
+        "schedule.cuda_graph": args.cuda_graph,
     }
     batches = [int(b) for b in (args.batch or "4,12").split(",") if b.strip()]
     if args.threads:

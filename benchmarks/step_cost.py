@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,10 +44,26 @@ class BytesTouched(TorchDispatchMode):
         return out
 
 
+@contextmanager
+def eager(trainer) -> Iterator[None]:
+    """Steps of ``trainer`` without its recorded step (``schedule.cuda_graph``): a replay dispatches
+    no operators for the counters to see, and a step of other code (the reference-equivalent) must
+    not replay the recording. The recording stays valid: every tensor it reads is updated in place."""
+    graph = getattr(trainer, "graph", None)
+    if graph is None:
+        yield
+        return
+    trainer.graph = None
+    try:
+        yield
+    finally:
+        trainer.graph = graph
+
+
 def step_cost(trainer) -> dict:
     """GFLOP, GB (upper bound) and operators (forward, backward, optimizer) of one ``trainer.step()``
-    (the step does run: it trains once)."""
-    with FlopCounterMode(display=False) as flops, BytesTouched() as touched:
+    (the step does run, eagerly: it trains once)."""
+    with eager(trainer), FlopCounterMode(display=False) as flops, BytesTouched() as touched:
         trainer.step()
     return {"gflop": flops.get_total_flops() / 1e9, "gbytes": touched.bytes / 1e9, "ops": touched.ops}
 

@@ -145,6 +145,10 @@ class ScheduleConfig:
     # torch.compile's mode: "reduce-overhead" also replays the compiled graphs as CUDA graphs (one
     # launch for a graph's kernels; CUDA only, the CPU compiles as "default").
     compile_mode: str = "default"
+    # CUDA: record the whole step (forward, backward, optimizer updates) once per stage as a CUDA graph
+    # and replay it, one launch per step instead of one per kernel (samatch.step_graph). Augmentations
+    # then draw from a generator on the GPU (a different random stream from the eager step's).
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.batch_size < 1:
@@ -154,6 +158,11 @@ class ScheduleConfig:
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(
                 f"schedule.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}"
+            )
+        if self.cuda_graph and self.compile and self.compile_mode in CUDA_GRAPH_MODES:
+            raise ValueError(
+                "schedule.cuda_graph records the whole step as one graph; "
+                f"compile_mode={self.compile_mode!r} would record graphs inside it: use compile_mode=default"
             )
 
 

@@ -25,6 +25,8 @@ from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
 from samatch.methods.base import fused_optimizer
 from samatch.models.unet import build_unet
+from samatch.step_graph import CudaGraphs, StepGraph
+from samatch.transfer import to_device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,7 +51,17 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: TrainData, out_dir: str | Path | None = None, **method_extra):
+    """``graph_backend``: how ``schedule.cuda_graph`` records the step (:mod:`samatch.step_graph`),
+    called with the generators the step draws from; the tests pass a CPU stand-in."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: TrainData,
+        out_dir: str | Path | None = None,
+        graph_backend=CudaGraphs,
+        **method_extra,
+    ):
         if cfg.model.num_classes == 0:  # "from the dataset"
             cfg.model.num_classes = data.num_classes
         self.cfg = cfg
@@ -59,7 +71,13 @@ class Trainer:
             keep_freed_host_memory()  # process-wide (samatch.hostmem)
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # batches (and augmentations, eager)
+        self.augment_generator = self.generator
+        if cfg.schedule.cuda_graph:
+            if graph_backend is CudaGraphs and self.device.type != "cuda":
+                raise ValueError(f"schedule.cuda_graph needs a CUDA device, got {self.device}")
+            # On the device: a recorded step cannot take numbers from the host at each replay.
+            self.augment_generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 2)
         if METHODS.get(cfg.method.name, Method).uses_unlabeled and data.unlabeled is None:
             raise ValueError(f"method {cfg.method.name!r} needs unlabeled data, and the split has none")
         self.model = build_unet(cfg).to(self.device)
@@ -69,7 +87,7 @@ class Trainer:
             # in place: parameter names (checkpoints) unchanged
             self.model.compile(mode=cfg.schedule.compile_mode)
         self.method = build_method(
-            cfg, self.model, self.generator, data=data, device=self.device, **method_extra
+            cfg, self.model, self.augment_generator, data=data, device=self.device, **method_extra
         )
         self.method.to(self.device)
         s = cfg.schedule
@@ -82,6 +100,10 @@ class Trainer:
         )
         # Methods with extra trainable parts (SAM-Match's LoRA) bring their own optimizers.
         self.optimizers = [self.optimizer, *self.method.extra_optimizers()]
+        self.graph = None
+        if s.cuda_graph:
+            generators = [self.augment_generator, *self.method.generators().values()]
+            self.graph = StepGraph(self._update, graph_backend(generators))
         self.iteration = 0
         self.best = {"dice": -1.0, "iteration": 0}
         self.history: list[dict] = []
@@ -92,11 +114,33 @@ class Trainer:
     def step(self) -> dict[str, float]:
         s = self.cfg.schedule
         lr = poly_lr(s.lr, self.iteration, s.iterations, s.poly_power)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self._set_lr(lr)
         if s.compile and s.compile_mode in CUDA_GRAPH_MODES:
             # A new step: the CUDA graphs may reuse the memory of the last step's graph outputs.
             torch.compiler.cudagraph_mark_step_begin()
+        batch = self._batch()
+        self.method.train()
+        self.method.iteration = self.iteration
+        if self.graph is None:
+            losses = self._update(batch)
+        else:  # one recording per stage: its Python control flow differs
+            losses = self.graph(batch, key=self.method.stage())
+        self.iteration += 1
+        return {"lr": lr, **{k: v.detach() for k, v in losses.items()}}
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            value = lr * group.get("lr_scale", 1.0)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)  # in place: a recorded update reads this tensor
+            elif self.graph is not None:  # a float would be frozen into the recording
+                group["lr"] = torch.tensor(value, device=self.device)
+            else:
+                group["lr"] = value
+
+    def _batch(self) -> dict[str, torch.Tensor | None]:
+        """The next labeled (and unlabeled) batch, on the device; indices into the slice sets."""
+        s = self.cfg.schedule
         img_x, mask_x, idx_x = self.data.labeled.sample(s.batch_size, self.generator, self.device)
         img_u = idx_u = None
         if self.method.uses_unlabeled and self.data.unlabeled is not None:
@@ -104,19 +148,28 @@ class Trainer:
         if s.channels_last:
             img_x = img_x.contiguous(memory_format=torch.channels_last)
             img_u = None if img_u is None else img_u.contiguous(memory_format=torch.channels_last)
-        self.method.train()
-        self.method.iteration = self.iteration
+        if self.graph is not None:  # a recorded step looks them up on the device
+            idx_x = to_device(idx_x, self.device)
+            idx_u = None if idx_u is None else to_device(idx_u, self.device)
+        return {"img_x": img_x, "mask_x": mask_x, "img_u": img_u, "idx_x": idx_x, "idx_u": idx_u}
+
+    def _update(self, batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """The method's losses on ``batch``, backward, every optimizer's update; returns the losses."""
+        s = self.cfg.schedule
         # bf16 autocast: matmuls / convolutions in bf16, softmax and losses in fp32 (autocast's lists);
-        # no gradient scaler needed (bf16 has fp32's exponent range). Backward runs outside.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=s.amp == "bf16"):
-            losses = self.method.train_step(img_x, mask_x, img_u, idx_x=idx_x, idx_u=idx_u)
+        # no gradient scaler needed (bf16 has fp32's exponent range). Backward runs outside. A recorded
+        # step must not keep autocast's cast weights from one call to the next.
+        amp = {"dtype": torch.bfloat16, "enabled": s.amp == "bf16", "cache_enabled": self.graph is None}
+        with torch.autocast(self.device.type, **amp):
+            losses = self.method.train_step(
+                batch["img_x"], batch["mask_x"], batch["img_u"], idx_x=batch["idx_x"], idx_u=batch["idx_u"]
+            )
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         for opt in self.optimizers:
             opt.step()
-        self.iteration += 1
-        return {"lr": lr, **{k: v.detach() for k, v in losses.items()}}
+        return losses
 
     # ---- the loop ---------------------------------------------------------------------------
     def run(self, until: int | None = None, progress: bool = True) -> dict:
@@ -258,6 +311,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         rng["method"] = {k: g.get_state().cpu() for k, g in self.method.generators().items()}
+        if self.augment_generator is not self.generator:
+            rng["augment"] = self.augment_generator.get_state().cpu()
         return {
             "config": self.cfg.to_dict(),
             "method": self.method.checkpoint_state(),
@@ -286,6 +341,10 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         for k, g in self.method.generators().items():
             g.set_state(rng["method"][k])
+        if "augment" in rng and self.augment_generator is not self.generator:
+            self.augment_generator.set_state(rng["augment"])
+        if self.graph is not None:  # the optimizers' state tensors were replaced
+            self.graph.reset()
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

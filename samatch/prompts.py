@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from samatch.transfer import host_may_read
+
 __all__ = [
     "boxes_from_masks",
     "boxes_from_label",
@@ -207,7 +209,8 @@ def component_labels(masks: torch.Tensor, connectivity: int = 8):
 def _largest_component(
     masks: torch.Tensor, connectivity: int = 8, max_iters: int | None = None, stop_early: bool | None = None
 ) -> torch.Tensor:
-    """:func:`largest_component`; ``stop_early`` None: at the fixed point on the CPU, never on a GPU."""
+    """:func:`largest_component`; ``stop_early`` None: at the fixed point where the host may read the
+    masks (:func:`samatch.transfer.host_may_read`: the CPU, outside a recorded step)."""
     if masks.dim() != 4:
         raise ValueError(f"masks must be (B, K, H, W), got shape {tuple(masks.shape)}")
     b, k, h, w = masks.shape
@@ -219,7 +222,7 @@ def _largest_component(
     # On the CPU, stop at the fixed point (what the remaining iterations would return anyway); on a
     # GPU that test would stall the step on a host sync, so the fixed count runs there.
     if stop_early is None:
-        stop_early = masks.device.type == "cpu"
+        stop_early = host_may_read(masks)
     iterations = component_labels(masks, connectivity)
     labels = next(iterations)
     for _ in range(max_iters):

@@ -5,6 +5,10 @@ Weak view (labeled and unlabeled): random rotation in [-20, 20] degrees, random 
 flips, one affine resample per batch (UniMatch's ACDC recipe, done with ``grid_sample`` instead of a
 per-image loop). Strong view (unlabeled): brightness / contrast / gamma jitter, Gaussian blur and a
 CutMix box, the intensity part of UniMatch's colour jitter for grayscale images.
+
+Random numbers are drawn on the generator's device: a CPU generator's draws reach a GPU through
+:func:`samatch.transfer.to_device` (the same values on every device); a generator on the GPU keeps
+the whole step on the device, which a CUDA graph needs (``schedule.cuda_graph``).
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ from samatch.transfer import to_device
 
 def random_affine(batch: int, generator: torch.Generator, device, max_deg: float = 20.0) -> torch.Tensor:
     """Per-sample 2x3 matrices: rotation in [-max_deg, max_deg] + k*90 degrees, optional flip."""
-    g = generator
-    angle = (torch.rand(batch, generator=g) * 2 - 1) * math.radians(max_deg)
-    angle = angle + torch.randint(0, 4, (batch,), generator=g) * (math.pi / 2)
-    flip = torch.where(torch.rand(batch, generator=g) < 0.5, -1.0, 1.0)
+    g, at = generator, {"device": generator.device}
+    angle = (torch.rand(batch, generator=g, **at) * 2 - 1) * math.radians(max_deg)
+    angle = angle + torch.randint(0, 4, (batch,), generator=g, **at) * (math.pi / 2)
+    flip = torch.where(torch.rand(batch, generator=g, **at) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.zeros(batch, 2, 3)
+    theta = torch.zeros(batch, 2, 3, **at)
     theta[:, 0, 0], theta[:, 0, 1] = cos * flip, -sin
     theta[:, 1, 0], theta[:, 1, 1] = sin * flip, cos
     return to_device(theta, device)
@@ -53,8 +57,8 @@ def intensity_jitter(image: torch.Tensor, generator: torch.Generator, strength: 
     g = generator
 
     def factor():
-        on = (torch.rand(b, generator=g) < 0.8).float()
-        f = 1 + (torch.rand(b, generator=g) * 2 - 1) * strength * on
+        on = (torch.rand(b, generator=g, device=g.device) < 0.8).float()
+        f = 1 + (torch.rand(b, generator=g, device=g.device) * 2 - 1) * strength * on
         return to_device(f.view(b, 1, 1, 1), image.device)
 
     mean = image.mean(dim=(1, 2, 3), keepdim=True)
@@ -66,8 +70,9 @@ def intensity_jitter(image: torch.Tensor, generator: torch.Generator, strength: 
 def gaussian_blur(image: torch.Tensor, generator: torch.Generator, p: float = 0.5) -> torch.Tensor:
     """Blur each sample with probability p, sigma in [0.1, 2.0] (kernel 7), one grouped conv."""
     b = image.shape[0]
-    sigma = to_device(0.1 + 1.9 * torch.rand(b, generator=generator), image.device)
-    on = to_device(torch.rand(b, generator=generator) < p, image.device)
+    g = generator
+    sigma = to_device(0.1 + 1.9 * torch.rand(b, generator=g, device=g.device), image.device)
+    on = to_device(torch.rand(b, generator=g, device=g.device) < p, image.device)
     x = torch.arange(-3, 4, device=image.device, dtype=image.dtype)
     k1 = torch.exp(-(x[None] ** 2) / (2 * sigma[:, None] ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)  # (B, 7)
@@ -81,16 +86,16 @@ def cutmix_box(
 ) -> torch.Tensor:
     """(B, H, W) bool masks: a random box covering 2-40% of the area with probability p, else empty."""
     h, w = size
-    g = generator
-    area = (0.02 + 0.38 * torch.rand(batch, generator=g)) * h * w
-    ratio = torch.exp(torch.empty(batch).uniform_(math.log(0.3), math.log(1 / 0.3), generator=g))
+    g, at = generator, {"device": generator.device}
+    area = (0.02 + 0.38 * torch.rand(batch, generator=g, **at)) * h * w
+    ratio = torch.exp(torch.empty(batch, **at).uniform_(math.log(0.3), math.log(1 / 0.3), generator=g))
     bh = (area * ratio).sqrt().clamp(max=h)
     bw = (area / ratio).sqrt().clamp(max=w)
-    y0 = torch.rand(batch, generator=g) * (h - bh)
-    x0 = torch.rand(batch, generator=g) * (w - bw)
-    on = torch.rand(batch, generator=g) < p
-    ys = torch.arange(h).view(1, h, 1)
-    xs = torch.arange(w).view(1, 1, w)
+    y0 = torch.rand(batch, generator=g, **at) * (h - bh)
+    x0 = torch.rand(batch, generator=g, **at) * (w - bw)
+    on = torch.rand(batch, generator=g, **at) < p
+    ys = torch.arange(h, **at).view(1, h, 1)
+    xs = torch.arange(w, **at).view(1, 1, w)
     box = (
         (ys >= y0.view(-1, 1, 1))
         & (ys < (y0 + bh).view(-1, 1, 1))

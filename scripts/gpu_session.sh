@@ -6,7 +6,8 @@
 #   OUT=/some/dir bash scripts/gpu_session.sh
 # PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a step
 # benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile,
-# "bench_cl" bf16 in channels-last, eager then compiled, "bench_cg" compiled with CUDA graphs). The
+# "bench_cl" bf16 in channels-last, eager then compiled, "bench_cg" compiled with CUDA graphs,
+# "bench_graph" the whole step as one recorded CUDA graph). The
 # training parts need the packs, the bench parts only the weights and .gpu/whl (cmeel-mimalloc among
 # them: the benchmarks start on it). END=<epoch seconds> stops the benchmarks in time (SIGINT: the
 # benchmark saves the finished cases).
@@ -65,6 +66,15 @@ bench_cl() {
 # one launch per graph instead of one per kernel, for a step bound by the host's dispatch.
 bench_cg() {
   step_bench bench_step_cl_cudagraphs 12 --amp bf16 --channels-last --compile --compile-mode reduce-overhead
+}
+# 1f. The whole step (forward, backward, optimizers) recorded as one CUDA graph per stage and batch size
+# (schedule.cuda_graph, samatch/step_graph.py), bf16 then fp32 (the reference, eager, is timed in fp32).
+# The CPU rehearsal runs it eagerly: the CPU has no CUDA graphs (tests/test_step_graph.py checks the
+# recording through a CPU stand-in).
+bench_graph() {
+  local graph=--cuda-graph
+  if [ "$QUICK" = 1 ]; then graph=; fi
+  step_bench bench_step_cl_graph 14 --amp bf16,fp32 --channels-last --profile $graph
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch

@@ -222,3 +222,38 @@ def test_a_crash_keeps_the_finished_cases(tmp_path, monkeypatch):
     assert result["ratios"] == [
         {"device": "cpu", "batch": 1, "amp": "fp32", "joint_over_unimatch": None, "reference_over_ours": None}
     ]
+
+
+@pytest.mark.slow
+def test_cuda_graph_mode_times_replays_and_runs_the_reference_and_counters_eagerly(tmp_path, monkeypatch):
+    # Prepare: --cuda-graph on the CPU, recording through tests/op_replay.py; one eager warm-up step
+    # per recording, so of the two untimed steps the second is the recording and the timed one a replay.
+    from op_replay import RecordedOps
+
+    trainers, real_trainer = [], bench.Trainer
+
+    def recording_trainer(*args, **kwargs):
+        trainer = real_trainer(*args, graph_backend=RecordedOps, **kwargs)
+        trainer.graph.warmup = 1
+        trainer.graph.reset()
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(bench, "Trainer", recording_trainer)
+    out = tmp_path / "bench.json"
+
+    # Execute
+    assert bench.main([*QUICK, "--warmup", "2", "--cuda-graph", "--out", str(out)]) == 0
+
+    # Assert: UniMatch and the joint step each recorded once; the timed joint step was a replay (no
+    # Python ran: SAM's decoder hooks saw no call), the reference ran eagerly (4 decodes, its host syncs),
+    # and the counters' step dispatched operators (eagerly).
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["results"]}
+    assert result["settings"]["overrides"]["schedule.cuda_graph"] is True
+    assert [t.method.name for t in trainers] == ["unimatch", "samatch"]
+    assert [t.graph.captures for t in trainers] == [1, 1]
+    assert rows["joint"]["decoder_passes_per_step"] == 0
+    assert rows["reference"]["decoder_passes_per_step"] == 4
+    assert rows["joint"]["ops"] > rows["unimatch"]["ops"] > 0
+    assert all(math.isfinite(r["ms_median"]) and r["ms_median"] > 0 for r in rows.values())

@@ -21,6 +21,16 @@ def test_invert_affine_of_a_rotation_is_its_transpose():
     assert torch.allclose(inv[0, :, 2], torch.zeros(2))
 
 
+def test_invert_affine_of_a_scaling_with_translation():
+    # Prepare: x -> 2x + 2, y -> 4y + 4 (hand-computed inverse: x -> x / 2 - 1, y -> y / 4 - 1)
+    theta = torch.tensor([[[2.0, 0.0, 2.0], [0.0, 4.0, 4.0]], [[0.0, 1.0, 0.0], [1.0, 0.0, 3.0]]])
+    # Execute
+    inv = invert_affine(theta)
+    # Assert: the second, a swap of x and y plus a shift of y by 3, is undone by the swap and a shift of x
+    want = torch.tensor([[[0.5, 0.0, -1.0], [0.0, 0.25, -1.0]], [[0.0, 1.0, -3.0], [1.0, 0.0, 0.0]]])
+    assert torch.equal(inv, want)
+
+
 def test_warp_then_inverse_warp_returns_the_label_for_right_angles():
     label = torch.zeros(1, 8, 8, dtype=torch.long)
     label[0, 1:3, 2:7] = 2

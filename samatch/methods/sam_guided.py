@@ -34,14 +34,19 @@ from samatch.models.lora import LoraSettings, add_lora, load_lora_state_dict, lo
 from samatch.models.sam import build_sam
 from samatch.models.tiny_vit import fold_batchnorm
 from samatch.prompts import boxes_from_masks, confident_masks, jitter_boxes, largest_component
-from samatch.transfer import to_device
+from samatch.transfer import host_may_read, to_device
 
 SAM_GRID = 256
 
 
 def invert_affine(theta: torch.Tensor) -> torch.Tensor:
-    """(B, 2, 3) -> the inverse maps, (B, 2, 3)."""
-    a_inv = torch.linalg.inv_ex(theta[:, :, :2]).inverse  # inv would check for errors: a host sync
+    """(B, 2, 3) -> the inverse maps, (B, 2, 3).
+
+    The 2 x 2 inverse in closed form, [[d, -b], [-c, a]] / (ad - bc): a few element-wise kernels, where
+    torch.linalg's batched solvers may call libraries that a CUDA graph cannot record (and ``inv``
+    checks for errors on the host)."""
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    a_inv = torch.stack([d, -b, -c, a], dim=1).view(-1, 2, 2) / (a * d - b * c).view(-1, 1, 1)
     return torch.cat([a_inv, -a_inv @ theta[:, :, 2:]], dim=2)
 
 
@@ -183,7 +188,7 @@ class SamGuidance(torch.nn.Module):
             boxes = boxes[:, keep]
             points = None if points is None else (points[0][:, keep], points[1][:, keep])
             valid = None if valid is None else valid[:, keep]
-        if self.skip_invalid and valid is not None and points is None and emb.device.type == "cpu":
+        if self.skip_invalid and valid is not None and points is None and host_may_read(valid):
             logits = self._decode_valid(emb, boxes, valid)
         else:
             logits = self.sam.decode(emb, boxes, points)  # (B, K, 256, 256)
@@ -243,8 +248,13 @@ class SamMatch(UniMatch):
             if data.unlabeled is not None:
                 self.guide.build_cache("unlabeled", data.unlabeled.images, device)
         params = [p for p in self.guide.parameters() if p.requires_grad]
+        # capturable: a recorded step (schedule.cuda_graph) keeps AdamW's step counts on the device.
         self.sam_optimizer = torch.optim.AdamW(
-            params, lr=cfg.sam.lr, weight_decay=0.01, **fused_optimizer(device)
+            params,
+            lr=cfg.sam.lr,
+            weight_decay=0.01,
+            capturable=cfg.schedule.cuda_graph,
+            **fused_optimizer(device),
         )
 
     def extra_optimizers(self):
@@ -294,10 +304,7 @@ class SamMatch(UniMatch):
             filled_logits = g.decode(emb, boxes, size, only_refined=True, valid=valid)  # with grad (LoRA)
         pseudo_raw, conf_raw = g.refine(probs_raw, filled_logits.detach(), valid)
         # SAM learns from confident Match predictions (agreement), on the prompts it was given.
-        target = filled_masks(
-            F.one_hot(probs_raw.argmax(1), self.cfg.model.num_classes).permute(0, 3, 1, 2)[:, 1:].bool(),
-            g.enclosed,
-        )
+        target = filled_masks(self.class_masks(probs_raw.argmax(1)), g.enclosed)
         weight = (
             (probs_raw.max(1).values >= self.cfg.method.threshold).float()[:, None].expand_as(filled_logits)
         )
@@ -318,12 +325,17 @@ class SamMatch(UniMatch):
         self.__dict__.pop("_labeled_sam", None)
         self.__dict__.pop("_agreement", None)
 
+    def class_masks(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B, S, S) -> one mask per foreground class (B, C-1, S, S) bool. A comparison, not
+        F.one_hot, whose range check reads the labels on the host."""
+        classes = torch.arange(1, self.cfg.model.num_classes, device=labels.device).view(1, -1, 1, 1)
+        return labels[:, None] == classes
+
     def labeled_prompts(self, mask_x: torch.Tensor):
         """Labels (B, S, S) -> SAM's supervised targets (B, C-1, S, S) bool, their ground-truth boxes
         randomly jittered (B, C-1, 4), valid (B, C-1)."""
         g = self.guide
-        classes = torch.arange(1, self.cfg.model.num_classes, device=mask_x.device).view(1, -1, 1, 1)
-        target = filled_masks(mask_x[:, None] == classes, g.enclosed)
+        target = filled_masks(self.class_masks(mask_x), g.enclosed)
         boxes, valid = g.boxes(target, largest=False, all_classes=True)
         boxes = jitter_boxes(
             boxes, valid, (SAM_GRID, SAM_GRID), self.cfg.sam.box_jitter, generator=self.box_gen

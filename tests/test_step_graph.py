@@ -1,0 +1,217 @@
+"""samatch.step_graph: a whole training step recorded once and replayed, checked on the CPU through
+tests/op_replay.py (the operators of the step replayed on the same tensors, as a CUDA graph would)."""
+
+import pytest
+import torch
+from op_replay import RecordedOps
+
+from samatch.config import TrainConfig, apply_overrides
+from samatch.data import build_train_data
+from samatch.engine import Trainer
+from samatch.step_graph import StepGraph
+from samatch.transfer import to_device
+
+
+def scaled_sum_step(w: torch.Tensor, lr: torch.Tensor):
+    """A step with state: w += lr * x; returns loss = (w * x).sum() after the update."""
+
+    def step(batch):
+        w.add_(batch["x"] * lr)
+        return {"loss": (w * batch["x"]).sum()}
+
+    return step
+
+
+def test_a_recorded_step_reads_new_inputs_and_state_on_every_replay():
+    # Prepare: w = [0, 0], lr = 1; one eager warm-up step, then the recording
+    w, lr = torch.zeros(2), torch.tensor(1.0)
+    graph = StepGraph(scaled_sum_step(w, lr), RecordedOps(), warmup=1)
+
+    # Execute / Assert (hand-computed): warm-up x = [1, 2] -> w = [1, 2], loss 1 + 4 = 5
+    assert graph({"x": torch.tensor([1.0, 2.0])})["loss"].item() == 5.0
+    assert graph.captures == 0
+    # capture with x = [0, 1] -> w = [1, 3], loss 3
+    assert graph({"x": torch.tensor([0.0, 1.0])})["loss"].item() == 3.0
+    assert graph.captures == 1
+    # replay with x = [2, 0], lr = 0.5 set in place -> w = [2, 3], loss 4
+    lr.fill_(0.5)
+    out = graph({"x": torch.tensor([2.0, 0.0])})
+    assert out["loss"].item() == 4.0 and torch.equal(w, torch.tensor([2.0, 3.0]))
+    # the returned losses are copies: the next replay (x = [1, 1] -> w = [2.5, 3.5], loss 6) leaves them
+    assert graph({"x": torch.tensor([1.0, 1.0])})["loss"].item() == 6.0
+    assert out["loss"].item() == 4.0
+    assert graph.captures == 1
+
+
+def test_a_new_key_warms_up_and_records_again():
+    w, lr = torch.zeros(2), torch.tensor(1.0)
+    graph = StepGraph(scaled_sum_step(w, lr), RecordedOps(), warmup=1)
+    x = {"x": torch.ones(2)}
+    for key in ("warmup", "warmup", "warmup", "joint"):
+        graph(x, key=key)
+    assert graph.captures == 1 and graph.outputs is None  # "joint": its warm-up step, no recording yet
+    graph(x, key="joint")
+    assert graph.captures == 2
+    assert torch.equal(w, torch.full((2,), 5.0))  # five steps of +1, whatever ran them
+
+
+def test_a_batch_of_another_shape_is_recorded_anew():
+    # Prepare: w = [0, 0], recorded for x of shape (2,): w = [2, 2]
+    w, lr = torch.zeros(2), torch.tensor(1.0)
+    graph = StepGraph(scaled_sum_step(w, lr), RecordedOps(), warmup=1)
+    graph({"x": torch.ones(2)})
+    graph({"x": torch.ones(2)})
+    assert graph.captures == 1
+
+    # Execute: x = [1] of shape (1,) (broadcast): a warm-up step (w = [3, 3]), then a new recording
+    # (w = [4, 4], loss 4 + 4)
+    graph({"x": torch.ones(1)})
+    out = graph({"x": torch.ones(1)})
+
+    # Assert
+    assert graph.captures == 2 and out["loss"].item() == 8.0
+    with pytest.raises(ValueError, match="at least 1 warm-up"):
+        StepGraph(scaled_sum_step(w, lr), RecordedOps(), warmup=0)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (lambda x, g: x * x.sum().item(), "on the host"),  # .item() waits for a GPU
+        (lambda x, g: x[x > 0], "on the host"),  # boolean indexing: nonzero
+        (lambda x, g: x + torch.rand(2, generator=torch.Generator().manual_seed(9)), "generator"),
+    ],
+    ids=["item", "nonzero", "unregistered-generator"],
+)
+def test_the_cpu_recording_refuses_what_a_cuda_graph_cannot_hold(body, message):
+    g = torch.Generator().manual_seed(1)
+    with pytest.raises(RuntimeError, match=message):
+        RecordedOps(generators=[g]).capture(lambda: {"y": body(torch.ones(2), g)})
+
+
+def test_a_registered_generator_draws_anew_on_each_replay():
+    # Prepare: y = 1 + U[0, 1) from g, recorded
+    g = torch.Generator().manual_seed(1)
+    backend = RecordedOps(generators=[g])
+    out = backend.capture(lambda: {"y": 1 + torch.rand(2, generator=g)})
+    first = out["y"].clone()
+    want = 1 + torch.rand(2, generator=torch.Generator().manual_seed(1).set_state(g.get_state()))
+
+    # Execute
+    backend.replay()  # the capture's own run: nothing more
+    assert torch.equal(out["y"], first)
+    backend.replay()  # the next draw from g
+
+    # Assert: g's next numbers, written into the recorded output
+    assert torch.equal(out["y"], want)
+
+
+def test_to_device_refuses_a_host_copy_inside_a_cuda_capture(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(
+        RuntimeError, match=r"host tensor \(3,\) is copied to cuda inside a CUDA graph capture"
+    ):
+        to_device(torch.zeros(3), "cuda")
+
+
+TINY = {
+    "data.format": "phantom-cardiac",
+    "data.root": "0",
+    "data.size": 32,
+    "model.base_channels": 4,
+    "model.num_classes": 4,
+    "schedule.batch_size": 2,
+    "schedule.iterations": 6,
+    "schedule.eval_every": 1000,
+    "schedule.log_every": 1000,
+    "schedule.cuda_graph": True,
+    "device": "cpu",
+}
+
+
+def recorded_run(overrides: dict, steps: int, record: bool, warmup: int = 1):
+    """A cuda_graph trainer on the CPU recording through RecordedOps, or (record=False) the same
+    trainer never recording (every step eager). Returns (the trainer, its step logs)."""
+    cfg = apply_overrides(TrainConfig(), {**TINY, **overrides})
+    trainer = Trainer(cfg, build_train_data(cfg), graph_backend=RecordedOps)
+    trainer.graph.warmup = warmup if record else 10**9
+    trainer.graph.reset()
+    return trainer, [trainer.step() for _ in range(steps)]
+
+
+def assert_same_training(a, b, keys):
+    (ta, la), (tb, lb) = a, b
+    for x, y in zip(la, lb, strict=True):
+        for k in keys:
+            assert float(x[k]) == float(y[k]), k
+    sa, sb = ta.method.state_dict(), tb.method.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_recorded_unimatch_steps_equal_eager_steps():
+    # Prepare / Execute: 6 steps: 1 eager warm-up, the recording, 4 replays (new batches, new
+    # augmentations from the device generator, the poly learning rate falling)
+    eager = recorded_run({"method.name": "unimatch"}, 6, record=False)
+    recorded = recorded_run({"method.name": "unimatch"}, 6, record=True)
+
+    # Assert: the same losses and weights, bit for bit (the same operators on the same values)
+    assert recorded[0].graph.captures == 1 and eager[0].graph.captures == 0
+    assert_same_training(eager, recorded, ("loss", "loss_x", "loss_u_s1", "loss_u_fp", "mask_ratio", "lr"))
+    assert len({float(log["loss"]) for log in recorded[1]}) == 6  # each step saw a new batch
+    assert isinstance(recorded[0].optimizer.param_groups[0]["lr"], torch.Tensor)
+
+
+def test_recorded_steps_resume_exactly(tmp_path):
+    # Prepare: 4 recorded steps straight, and 2 + save + resume (a new recording) + 2
+    straight, _ = recorded_run({"method.name": "unimatch"}, 4, record=True)
+    first, _ = recorded_run({"method.name": "unimatch"}, 2, record=True)
+    first.save(tmp_path / "last.pt")
+    cfg = apply_overrides(TrainConfig(), {**TINY, "method.name": "unimatch"})
+    second = Trainer(cfg, build_train_data(cfg), graph_backend=RecordedOps)
+    second.graph.warmup = 1
+    second.resume(tmp_path / "last.pt")
+
+    # Execute
+    second.step()
+    second.step()
+
+    # Assert: the device generator's state travelled with the checkpoint
+    a, b = straight.method.state_dict(), second.method.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_recorded_samatch_steps_equal_eager_steps_across_the_stage_change(tmp_path):
+    # Prepare / Execute: SAM-Match, warm-up stage for iterations 0-2, joint from 3; with one eager step
+    # per stage, each stage is recorded once and replayed (the joint stage's steps 5-6)
+    joint = {"method.name": "samatch", "sam.warmup_fraction": 0.4, "schedule.iterations": 7}
+    # Fewer slices for SAM to encode, and once for both trainers
+    joint.update(
+        {"data.labeled": 1, "data.max_unlabeled": 2, "sam.lora_rank": 2, "sam.cache_dir": str(tmp_path)}
+    )
+    joint["method.threshold"] = 0.3  # an untrained U-Net must be confident somewhere to prompt SAM
+    eager = recorded_run(joint, 7, record=False)
+    recorded = recorded_run(joint, 7, record=True)
+
+    # Assert: two recordings, and the same losses and weights (U-Net and LoRA)
+    assert recorded[0].graph.captures == 2
+    keys = ("loss", "loss_x", "loss_sam_x", "loss_sam_agree", "loss_u_s1", "mask_ratio")
+    assert_same_training(eager, recorded, keys)
+    assert float(recorded[1][-1]["loss_sam_agree"]) > 0  # SAM was prompted from Match's predictions
+
+
+def test_cuda_graph_needs_a_cuda_device_and_no_graphs_inside():
+    cfg = apply_overrides(TrainConfig(), {**TINY, "method.name": "supervised"})
+    with pytest.raises(ValueError, match="schedule.cuda_graph needs a CUDA device, got cpu"):
+        Trainer(cfg, build_train_data(cfg))
+    with pytest.raises(ValueError, match="use compile_mode=default"):
+        apply_overrides(
+            TrainConfig(),
+            {
+                "schedule.cuda_graph": True,
+                "schedule.compile": True,
+                "schedule.compile_mode": "reduce-overhead",
+            },
+        )
