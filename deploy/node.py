@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -96,6 +97,24 @@ def start_warm_server(real_clientapp: Path) -> subprocess.Popen:
     return server
 
 
+def reap_warm_server(server: subprocess.Popen) -> threading.Thread:
+    """Wait for the warm server in a daemon thread: if it dies before this process (a crash, a kill),
+    it is reaped at once instead of staying a zombie, and the log says that messages now start fresh
+    processes (its launcher falls back to Flower's ``flwr-clientapp`` when the socket refuses)."""
+
+    def wait() -> None:
+        code = server.wait()
+        print(
+            f"deploy.node: the warm ClientApp server (process {server.pid}) exited with code {code}; "
+            "each message now starts a fresh process",
+            flush=True,
+        )
+
+    thread = threading.Thread(target=wait, name="warm-server-reaper", daemon=True)
+    thread.start()
+    return thread
+
+
 def poll_seconds(text: str) -> float:
     """``--poll-interval``'s type: seconds, > 0."""
     value = float(text)
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warm and (why := warm.unavailable()):
         print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)
     elif args.warm:
-        start_warm_server(Path(sys.executable).parent / warm.LAUNCHER)
+        reap_warm_server(start_warm_server(Path(sys.executable).parent / warm.LAUNCHER))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower_args]

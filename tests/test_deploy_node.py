@@ -255,6 +255,18 @@ def test_the_server_stops_with_its_parent_and_removes_its_folder(tmp_path):
     assert rc == 0 and not folder.exists()
 
 
+def test_a_warm_server_that_dies_is_reaped_and_reported(capsys):
+    # Prepare: a stand-in "server" that dies with code 3
+    server = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+
+    # Execute
+    node.reap_warm_server(server).join(timeout=30)
+
+    # Assert: waited for (no zombie left in the process table) and said so
+    assert server.returncode == 3 and not Path(f"/proc/{server.pid}").exists()
+    assert f"warm ClientApp server (process {server.pid}) exited with code 3" in capsys.readouterr().out
+
+
 def test_unavailable_names_what_this_system_lacks(monkeypatch):
     # On this Linux machine everything is there; without pidfds the warm server cannot run
     assert warm.unavailable() == ""
