@@ -44,12 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def allocator_choice(argv: list[str] | None) -> str:
+    """``--allocator`` wherever it stands in ``argv`` (before or after the command), or its default;
+    read without the commands' parsers, whose modules import torch."""
+    pre = argparse.ArgumentParser(prog="samatch", add_help=False)
+    allocator.add_allocator_argument(pre)
+    return pre.parse_known_args(argv)[0].allocator
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; from the command line (``argv`` None) the process first starts again on the
-    chosen allocator (``samatch.allocator.relaunch``), which an in-process call leaves alone."""
+    chosen allocator (``samatch.allocator.relaunch``), which an in-process call leaves alone. It
+    starts again before the commands' modules are imported: they import torch (about 1 s that the
+    new process would pay again)."""
+    try:
+        allocator.relaunch(allocator_choice(argv), argv)
+    except ValueError as err:
+        print(f"samatch: error: {err}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
-        allocator.relaunch(args.allocator, argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"samatch: error: {err}", file=sys.stderr)

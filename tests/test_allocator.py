@@ -175,6 +175,30 @@ def test_every_entry_point_starts_again_before_its_work(monkeypatch, module, arg
     # (An in-process call, main([...]), is left alone: the other test files call these mains so.)
 
 
+@linux_only
+def test_the_samatch_command_starts_again_before_importing_torch(tmp_path):
+    # Prepare: `samatch train ... --allocator mimalloc` from its command line in a fresh interpreter,
+    # execve replaced by a report of what the process had imported by then
+    needs_mimalloc()
+    code = (
+        "import os, sys\n"
+        "os.execve = lambda *a: (print('torch' in sys.modules, 'samatch.commands.train' in sys.modules), "
+        "sys.exit(0))\n"
+        "sys.argv = ['samatch', 'train', '--data', 'x', '--allocator', 'mimalloc']\n"
+        "from samatch import cli\n"
+        "cli.main()\n"
+    )
+
+    # Execute
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=clean_env()
+    )
+
+    # Assert: it started again (execve reached) with neither torch nor the command's module loaded
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "False"]
+
+
 def test_deploy_supernode_gives_its_clientapps_the_allocator(tmp_path, monkeypatch):
     from deploy import cli
 
