@@ -7,7 +7,7 @@
 # PARTS picks and orders the parts (default "bench busi chaos acdc"; "bench_more" adds a step
 # benchmark in channels-last with LoRA in the encoder, "bench_compile" one with schedule.compile,
 # "bench_cl" bf16 in channels-last, eager then compiled, "bench_cg" compiled with CUDA graphs,
-# "bench_graph" the whole step as one recorded CUDA graph). The
+# "bench_graph" the whole step as one recorded CUDA graph, "bench_graph_compile" that compiled). The
 # training parts need the packs, the bench parts only the weights and .gpu/whl (cmeel-mimalloc among
 # them: the benchmarks start on it). END=<epoch seconds> stops the benchmarks in time (SIGINT: the
 # benchmark saves the finished cases).
@@ -75,6 +75,13 @@ bench_graph() {
   local graph=--cuda-graph
   if [ "$QUICK" = 1 ]; then graph=; fi
   step_bench bench_step_cl_graph 14 --amp bf16,fp32 --channels-last --profile $graph
+}
+# 1g. The same with the U-Net and SAM's decoder compiled (torch.compile's default mode: fused kernels,
+# less GPU time) inside the recorded step; the warm-up steps pay the compiles (about 2 minutes).
+bench_graph_compile() {
+  local graph=--cuda-graph
+  if [ "$QUICK" = 1 ]; then graph=; fi
+  step_bench bench_step_cl_graph_compile 12 --amp bf16 --channels-last --compile $graph
 }
 
 # 2-3. SAM-Match on BUSI (30 labeled images) and CHAOS liver (3 labeled cases), each against UniMatch
