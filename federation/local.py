@@ -158,6 +158,8 @@ def train_round(
     if fed.fedprox_mu > 0:
         trainer.method._fedprox_mu = fed.fedprox_mu
         _add_proximal_term(trainer.method, fed.fedprox_mu)
+    if trainer.graph is not None:  # schedule.cuda_graph: the optimizers' state and anchors are new tensors
+        trainer.graph.reset()
     start = (server_round - 1) * fed.local_iterations
     trainer.iteration = start
     sums: dict[str, float] = {}

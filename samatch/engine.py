@@ -131,9 +131,12 @@ class Trainer:
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             value = lr * group.get("lr_scale", 1.0)
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(value)  # in place: a recorded update reads this tensor
-            elif self.graph is not None:  # a float would be frozen into the recording
+            current = group["lr"]
+            if isinstance(current, torch.Tensor) and current.device == self.device:
+                current.fill_(value)  # in place: a recorded update reads this tensor
+            elif self.graph is not None:
+                # A float, or a host tensor (as a checkpoint loads it), would be read once by the
+                # recording and frozen into it.
                 group["lr"] = torch.tensor(value, device=self.device)
             else:
                 group["lr"] = value
@@ -343,8 +346,12 @@ class Trainer:
             g.set_state(rng["method"][k])
         if "augment" in rng and self.augment_generator is not self.generator:
             self.augment_generator.set_state(rng["augment"])
-        if self.graph is not None:  # the optimizers' state tensors were replaced
-            self.graph.reset()
+        if self.graph is not None:
+            self.graph.reset()  # the optimizers' state tensors were replaced
+        for opt in self.optimizers[1:]:  # a checkpoint of an unrecorded run says capturable=False
+            for group in opt.param_groups:
+                if "capturable" in group:
+                    group["capturable"] = self.cfg.schedule.cuda_graph
 
     def save(self, path: str | Path) -> None:
         tmp = Path(str(path) + ".tmp")

@@ -274,8 +274,8 @@ def jitter_boxes(
     shift = torch.randint(
         low, max_shift + 1, tuple(boxes.shape), generator=generator, device=boxes.device
     ).to(boxes.dtype)
-    if expand_only:
-        shift = shift * torch.tensor([-1.0, -1.0, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype)
+    if expand_only:  # x0, y0 move left / up, x1, y1 right / down (no host constant: CUDA-graph safe)
+        shift = torch.cat([-shift[..., :2], shift[..., 2:]], dim=-1)
     out = _clamp_xyxy(boxes + shift, h, w)
     x0, y0, x1, y1 = out.unbind(-1)
     out = torch.stack(

@@ -49,6 +49,9 @@ class GraphBackend(Protocol):
     def replay(self) -> None:
         """Run the recorded step once more (the first replay after a capture runs the captured one)."""
 
+    def release(self) -> None:
+        """Drop the recording (and the memory it holds for its tensors)."""
+
 
 class CudaGraphs:
     """:class:`GraphBackend` on ``torch.cuda.CUDAGraph``; ``generators`` are the CUDA generators the
@@ -76,6 +79,9 @@ class CudaGraphs:
     def replay(self) -> None:
         self.graph.replay()
 
+    def release(self) -> None:
+        self.graph = None
+
 
 class StepGraph:
     """Runs ``step(batch) -> losses`` eagerly ``warmup`` times per key and batch layout, then records
@@ -92,22 +98,23 @@ class StepGraph:
         self.step = step
         self.backend = backend
         self.warmup = warmup
+        self.captures = 0  # recordings made so far
         self.reset()
 
     def reset(self) -> None:
-        """Forget the recording (the tensors it reads were replaced, e.g. optimizer state loaded)."""
+        """Forget the recording: call it when a tensor the step reads or writes is replaced instead of
+        updated in place (optimizer state loaded or cleared), since a replay would use the old one."""
+        self.backend.release()
         self.key: object = None
         self.warm_left = self.warmup
         self.inputs: Batch | None = None
         self.outputs: Losses | None = None
-        self.captures = 0  # recordings made so far (one per key)
 
     def __call__(self, batch: Batch, key: object = None) -> Losses:
         key = (key, _layout(batch))
         if key != self.key:
-            captures = self.captures
             self.reset()
-            self.key, self.captures = key, captures
+            self.key = key
         if self.warm_left > 0:
             self.warm_left -= 1
             return self.backend.warm(lambda: self.step(batch))
@@ -121,7 +128,7 @@ class StepGraph:
                 if v is not None:
                     self.inputs[k].copy_(v)
         self.backend.replay()
-        return {k: v.clone() for k, v in self.outputs.items()}
+        return {k: v.detach().clone() for k, v in self.outputs.items()}
 
 
 def _layout(batch: Batch) -> tuple:

@@ -92,6 +92,9 @@ class RecordedOps:
         self._captured_ran = True  # unlike a CUDA graph's, this capture computed the step already
         return out
 
+    def release(self) -> None:
+        self.ops = []
+
     def replay(self) -> None:
         if self._captured_ran:
             self._captured_ran = False

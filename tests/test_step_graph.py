@@ -182,6 +182,62 @@ def test_recorded_steps_resume_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_loaded_host_lr_is_replaced_by_one_on_the_device_before_recording():
+    # Prepare: a recording trainer whose optimizer group holds a host tensor, as Optimizer.load_state_dict
+    # leaves the lr of a checkpoint loaded to the CPU; "meta" stands for a GPU (any device but the host)
+    trainer, _ = recorded_run({"method.name": "unimatch"}, 0, record=True)
+    group = trainer.optimizer.param_groups[0]
+    group["lr"] = torch.tensor(0.01)
+    trainer.device = torch.device("meta")
+
+    # Execute
+    trainer._set_lr(0.5)
+
+    # Assert: a fused CUDA kernel reads a host lr once, so it would be frozen into the recording
+    assert group["lr"].device.type == "meta"
+
+
+def test_loading_a_checkpoint_makes_the_extra_optimizers_capturable():
+    # Prepare: a recording trainer with an extra AdamW, and a checkpoint that says capturable=False
+    trainer, _ = recorded_run({"method.name": "unimatch"}, 0, record=True)
+    extra = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], capturable=False)
+    trainer.optimizers.append(extra)
+    state = trainer.state_dict()
+    assert state["extra_optimizers"][0]["param_groups"][0]["capturable"] is False
+
+    # Execute
+    trainer.load_state_dict(state)
+
+    # Assert: a recorded step may update it (capture refuses capturable=False)
+    assert extra.param_groups[0]["capturable"] is True
+
+
+def test_federated_rounds_record_anew_after_the_optimizer_state_is_cleared():
+    # Prepare: two sessions of one site, recording (1 eager step, the recording, 2 replays per round)
+    # and never recording; each round starts from the same global weights and clears the momentum
+    from federation.config import FederationConfig, Site
+    from federation.local import SiteSession, train_round
+
+    fed = FederationConfig(local_iterations=4)
+    finals = []
+    for record in (True, False):
+        trainer, _ = recorded_run({"method.name": "unimatch"}, 0, record=record)
+        initial = {k: v.detach().clone() for k, v in trainer.method.checkpoint_state().items()}
+        session = SiteSession(Site("a", 0, ()), trainer.cfg, trainer, initial)
+        state = initial
+
+        # Execute: two rounds
+        for server_round in (1, 2):
+            state, _ = train_round(session, state, {}, server_round, fed)
+        finals.append((state, trainer.graph.captures))
+
+    # Assert: one recording per round, and the same weights as eager rounds (a replay of round 1's
+    # recording would carry its momentum buffers into round 2)
+    (recorded, captures), (eager, _) = finals
+    assert all(torch.equal(recorded[k], eager[k]) for k in eager)
+    assert captures == 2
+
+
 @pytest.mark.slow
 def test_recorded_samatch_steps_equal_eager_steps_across_the_stage_change(tmp_path):
     # Prepare / Execute: SAM-Match, warm-up stage for iterations 0-2, joint from 3; with one eager step

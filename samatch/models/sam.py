@@ -40,10 +40,12 @@ def minmax_normalise(x: torch.Tensor) -> torch.Tensor:
 
 
 def imagenet_normalise(x: torch.Tensor) -> torch.Tensor:
-    """[0, 1] RGB -> SAM's mean/std standardisation on the 0-255 scale. (B, 3, H, W) -> same."""
-    mean = x.new_tensor(_IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(_IMAGENET_STD).view(1, 3, 1, 1)
-    return (x * 255.0 - mean) / std
+    """[0, 1] RGB -> SAM's mean/std standardisation on the 0-255 scale. (B, 3, H, W) -> same.
+
+    Channel by channel with Python constants: a tensor of them would be copied from the host in every
+    step, which a CUDA graph cannot record."""
+    stats = enumerate(zip(_IMAGENET_MEAN, _IMAGENET_STD, strict=True))
+    return torch.cat([(x[:, c : c + 1] * 255.0 - m) / s for c, (m, s) in stats], dim=1)
 
 
 @dataclass(frozen=True)
