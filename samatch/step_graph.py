@@ -60,13 +60,14 @@ class CudaGraphs:
     def __init__(self, generators: Sequence[torch.Generator] = ()):
         self.generators = [g for g in generators if g.device.type == "cuda"]
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.side: torch.cuda.Stream | None = None  # the warm-up steps' stream, made on first use
 
     def warm(self, fn):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side = self.side or torch.cuda.Stream()
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             out = fn()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         return out
 
     def capture(self, fn):
