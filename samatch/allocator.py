@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from collections.abc import Mapping
 from importlib import metadata
@@ -191,3 +192,27 @@ def describe() -> str:
     if name == "system":
         return "host allocator: the system's malloc"
     return f"host allocator: {name} ({'freed pages kept' if keeps_pages(name) else 'default page release'})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m samatch.allocator [--allocator CHOICE]``: the shell ``export`` lines that start a
+    program on CHOICE's allocator, for launchers that are not Python (``scripts/flwr_run.sh``:
+    ``eval "$(python -m samatch.allocator)"``). Prints nothing where nothing is to add."""
+    parser = argparse.ArgumentParser(
+        prog="python -m samatch.allocator",
+        description="print the shell exports that start a program on the chosen allocator",
+    )
+    add_allocator_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        env = launch_env(args.allocator)
+    except ValueError as err:
+        parser.error(str(err))
+    for key in sorted(env):
+        if os.environ.get(key) != env[key]:
+            print(f"export {key}={shlex.quote(env[key])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

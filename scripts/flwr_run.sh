@@ -7,7 +7,8 @@
 #   * client resources are sized from this machine: num-cpus per ClientApp <= cores.
 # Usage: scripts/flwr_run.sh [extra `flwr run` options, e.g. -c 'num-server-rounds=2']
 # Env:   NUM_HOSPITALS (3), FLWR_HOME (.flwr), FLWR_LOCAL_SUPERLINK_HTTP_API_PORT (39091: the one
-#        port of the local SuperLink's HTTP APIs), RUN_TIMEOUT seconds (1800)
+#        port of the local SuperLink's HTTP APIs), RUN_TIMEOUT seconds (1800), FEDSAMATCH_ALLOCATOR
+#        (auto: mimalloc keeping freed pages; system; jemalloc)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -54,6 +55,9 @@ if "$BIN/python" -c "import urllib.request,sys; urllib.request.urlopen(sys.argv[
     exit 2
 fi
 
+# The host allocator (samatch/allocator.py): the SuperLink's environment is its children's, Ray's and
+# every ClientApp's, so they run on mimalloc keeping freed pages (FEDSAMATCH_ALLOCATOR=system: glibc's).
+eval "$("$BIN/python" -m samatch.allocator)"
 LOG="$FLWR_HOME/local-superlink/superlink.log"
 "$BIN/flower-superlink" --insecure --simulation --isolation subprocess \
     --disable-runtime-dependency-installation \

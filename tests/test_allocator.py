@@ -176,6 +176,23 @@ def test_every_entry_point_starts_again_before_its_work(monkeypatch, module, arg
 
 
 @linux_only
+def test_shell_exports_start_a_program_on_the_chosen_allocator(monkeypatch, capsys):
+    # Prepare: a shell's environment without any allocator setting
+    lib = needs_mimalloc()
+    for key in [*ALLOCATOR_ENV, *(k for k in os.environ if k.startswith("MIMALLOC_"))]:
+        monkeypatch.delenv(key, raising=False)
+
+    # Execute / Assert: auto adds mimalloc keeping pages, as lines a shell can eval; system adds nothing
+    assert allocator.main([]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"export LD_PRELOAD={lib}",
+        "export MIMALLOC_PURGE_DELAY=-1",
+    ]
+    assert allocator.main(["--allocator", "system"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+@linux_only
 def test_the_samatch_command_starts_again_before_importing_torch(tmp_path):
     # Prepare: `samatch train ... --allocator mimalloc` from its command line in a fresh interpreter,
     # execve replaced by a report of what the process had imported by then

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy.procs import free_port, processes_with_env
+from samatch import allocator
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
@@ -77,6 +78,10 @@ def test_flwr_run_local_simulation(tmp_path):
     assert all(len(r["train-sites"]["accepted"]) == 2 for r in results["rounds"])
     assert (home / "config.toml").is_file()
     assert "train-loss_sam_x" in log  # SAM-Match ran (the default method), with SAM's own loss
+    # The SuperLink's environment reached Ray's workers: each ClientApp on the allocator the script chose
+    if allocator.library("mimalloc") is not None and allocator.preloaded(os.environ) == "system":
+        assert "host allocator: mimalloc (freed pages kept)" in log, log[-4000:]
+        assert "host allocator: the system's malloc" not in log
     # one embedding file per slice: 6 labeled (one phantom patient) + 2 unlabeled, per hospital
     assert len(list((tmp_path / "emb").glob("*.pt"))) == 2 * (6 + 2)
     assert not leftovers, f"processes left running: {leftovers}"
