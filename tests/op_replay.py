@@ -11,15 +11,23 @@ branch on the iteration, a batch drawn from a generator the recording was not gi
 
 What would not work in a CUDA graph fails here at capture: reading a tensor's value on the host
 (``.item()``, ``bool(t)``, ``torch.equal``, ``nonzero``, which wait for the GPU) and drawing from a
-generator not registered with the recording. What it cannot see: a host tensor copied to the GPU
-during capture (there is no GPU; :func:`samatch.transfer.to_device` guards that on CUDA).
+generator not registered with the recording. And at replay: reading a tensor that was freed since
+the capture. A CUDA graph holds only the addresses of the tensors it did not make (parameters,
+optimizer state, inputs), so after ``optimizer.state.clear()`` it would read freed memory; the
+recording holds such tensors weakly and raises when one is gone. (Tensors only the recording refers
+to after its capture, such as constants made during it, it keeps, as a graph's pool keeps its own.)
+What it cannot see: a host tensor copied to the GPU during capture, or read once by a kernel when it
+is recorded (there is no GPU; :func:`samatch.transfer.to_device` guards the copy on CUDA).
 """
 
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
@@ -42,6 +50,7 @@ class _Recorder(TorchDispatchMode):
         super().__init__()
         self.generators = generators
         self.ops: list[tuple] = []
+        self.made: set[int] = set()  # storages of the recorded operators' outputs (the "pool")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -63,7 +72,29 @@ class _Recorder(TorchDispatchMode):
         ]
         if writes or fresh:  # a pure view needs no replay
             self.ops.append((func, args, kwargs, out, fresh))
+            outs = tree_leaves(out)
+            self.made.update(outs[i].untyped_storage().data_ptr() for i in fresh)
         return out
+
+    def hold_outside_tensors_weakly(self) -> list[torch.Tensor]:
+        """After the capture: every argument tensor outside the pool that something else still refers
+        to becomes a weak reference, as a CUDA graph keeps only its address. Returns the ones only the
+        recording refers to (constants of the step), which it must keep alive itself."""
+        outside: dict[int, torch.Tensor] = {}
+
+        def weak(x):
+            if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in self.made:
+                outside[id(x)] = x
+                return weakref.ref(x)
+            return x
+
+        self.ops = [(f, tree_map(weak, a), tree_map(weak, k), o, fr) for f, a, k, o, fr in self.ops]
+        kept = []
+        for key in list(outside):
+            t = outside.pop(key)
+            if sys.getrefcount(t) <= 2:  # this name and getrefcount's argument: nobody else's
+                kept.append(t)
+        return kept
 
 
 def _same(a: torch.Generator, b: torch.Generator) -> bool:
@@ -79,6 +110,7 @@ class RecordedOps:
     def __init__(self, generators=()):
         self.generators = list(generators)
         self.ops: list[tuple] = []
+        self.kept: list[torch.Tensor] = []
         self._captured_ran = False
 
     def warm(self, fn):
@@ -88,12 +120,13 @@ class RecordedOps:
         recorder = _Recorder(self.generators)
         with recorder:
             out = fn()
+        self.kept = recorder.hold_outside_tensors_weakly()
         self.ops = recorder.ops
         self._captured_ran = True  # unlike a CUDA graph's, this capture computed the step already
         return out
 
     def release(self) -> None:
-        self.ops = []
+        self.ops, self.kept = [], []
 
     def replay(self) -> None:
         if self._captured_ran:
@@ -103,7 +136,20 @@ class RecordedOps:
         # them): run them there again.
         with torch._C._AutoDispatchBelowADInplaceOrView():
             for func, args, kwargs, out, fresh in self.ops:
+                args, kwargs = tree_map(_alive, args), tree_map(_alive, kwargs)
                 new = func(*args, **kwargs)
                 olds, news = tree_leaves(out), tree_leaves(new)
                 for i in fresh:
                     olds[i].copy_(news[i])
+
+
+def _alive(x):
+    if not isinstance(x, weakref.ref):
+        return x
+    t = x()
+    if t is None:
+        raise RuntimeError(
+            "a tensor the recorded step reads was freed after its capture (a CUDA graph would read freed "
+            "memory): reset the step graph when state is replaced rather than updated in place"
+        )
+    return t

@@ -89,6 +89,24 @@ def test_the_cpu_recording_refuses_what_a_cuda_graph_cannot_hold(body, message):
         RecordedOps(generators=[g]).capture(lambda: {"y": body(torch.ones(2), g)})
 
 
+def test_the_cpu_recording_refuses_to_replay_a_freed_tensor_and_keeps_its_own_constants():
+    # Prepare: a step reading state held elsewhere (as an optimizer holds its momentum) and a constant
+    # made during the step (nobody else holds it afterwards)
+    state = {"m": torch.ones(2)}
+    backend = RecordedOps()
+    out = backend.capture(lambda: {"y": state["m"] * torch.tensor([3.0, 3.0])})
+    backend.replay()  # the capture's own run
+
+    # Execute / Assert: the constant stays usable; state["m"] updated in place is read anew ...
+    state["m"].add_(1)
+    backend.replay()
+    assert torch.equal(out["y"], torch.full((2,), 6.0))
+    # ... but replaced, the old tensor is gone: a CUDA graph would read its freed memory
+    state["m"] = torch.ones(2)
+    with pytest.raises(RuntimeError, match="freed after its capture"):
+        backend.replay()
+
+
 def test_a_registered_generator_draws_anew_on_each_replay():
     # Prepare: y = 1 + U[0, 1) from g, recorded
     g = torch.Generator().manual_seed(1)
