@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                 grp = top.add_parser(words[0], help=f"{words[0]} commands")
                 groups[words[0]] = grp.add_subparsers(dest="subcommand", required=True)
             sub = groups[words[0]].add_parser(words[1], help=help_text)
-        sub.set_defaults(_module=module)
+        sub.set_defaults(_module=module, _parser=sub)
         allocator.add_allocator_argument(sub, default=argparse.SUPPRESS)  # also after the command
         importlib.import_module(module).add_arguments(sub)
     return parser
@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"samatch: error: {err}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top-level one
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (DataError, FileNotFoundError, ValueError) as err:

@@ -294,3 +294,14 @@ def test_bad_inputs_in_process(runs, tmp_path, capsys, argv, expect):
     err = capsys.readouterr().err
     assert err.startswith("samatch: error: ") and err.count("\n") == 1
     assert expect in err
+
+
+def test_an_unknown_option_is_reported_with_the_commands_own_usage(capsys):
+    from samatch import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["data", "check", "some/folder", "--bogus"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("usage: samatch data check")
+    assert err.strip().endswith("samatch data check: error: unrecognized arguments: --bogus")
