@@ -57,7 +57,8 @@ fi
 
 # The host allocator (samatch/allocator.py): the SuperLink's environment is its children's, Ray's and
 # every ClientApp's, so they run on mimalloc keeping freed pages (FEDSAMATCH_ALLOCATOR=system: glibc's).
-eval "$("$BIN/python" -m samatch.allocator)"
+EXPORTS="$("$BIN/python" -m samatch.allocator)"  # an assignment: a bad choice stops the script here
+eval "$EXPORTS"
 LOG="$FLWR_HOME/local-superlink/superlink.log"
 "$BIN/flower-superlink" --insecure --simulation --isolation subprocess \
     --disable-runtime-dependency-installation \

@@ -85,3 +85,18 @@ def test_flwr_run_local_simulation(tmp_path):
     # one embedding file per slice: 6 labeled (one phantom patient) + 2 unlabeled, per hospital
     assert len(list((tmp_path / "emb").glob("*.pt"))) == 2 * (6 + 2)
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+def test_a_bad_allocator_choice_stops_the_script_before_it_starts_anything(tmp_path):
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FEDSAMATCH_ALLOCATOR": "nope"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "flwr_run.sh")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "allocator 'nope': choose one of auto, system, mimalloc, jemalloc" in proc.stderr
+    assert not (tmp_path / "home" / "local-superlink" / "superlink.log").exists()  # no SuperLink started
