@@ -105,7 +105,10 @@ def test_plaintext_connection_is_refused(link):
         link, "rogue-plaintext", [*argv, "--max-retries", "2", "--max-wait-time", "30"]
     )
     print(f"checked: plain-text SuperNode refused in {took:.1f} s, exit {rc}: {refusal(log)}")
-    assert rc != 0 and "Server disconnected without sending a response" in refusal(log)
+    # The TLS port drops the plain-text request: Flower reports a disconnect or, depending on when the
+    # server closes the socket, a reset (seen once in CI); either way the SuperNode was refused.
+    refused = ("Server disconnected without sending a response", "Connection reset by peer")
+    assert rc != 0 and any(reason in refusal(log) for reason in refused), refusal(log)
 
 
 def test_registered_site_is_unaffected(link):
