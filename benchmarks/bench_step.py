@@ -21,7 +21,9 @@ missing), and the ratios joint / UniMatch and reference / joint. Per case also t
 of one more step and its roofline floor over the device's measured rates (``benchmarks/step_cost.py``).
 Asserts nothing about time. With ``--cuda-graph`` (``schedule.cuda_graph``, CUDA only) the UniMatch and
 joint steps are replayed as recorded CUDA graphs (:mod:`samatch.step_graph`; the warm-up steps pay
-the recording), while the reference and the one step each of the counters runs eagerly.
+the recording), while the reference and the one step each of the counters runs eagerly. A step that
+cannot be recorded is a row naming the error and where it arose, then timed eagerly; the ratios pair
+steps timed the same way (rows and ratios carry ``cuda_graph``).
 
     python benchmarks/bench_step.py [--device auto|cpu|cuda] [--batch 4,12] [--size 256]
         [--steps N] [--warmup N] [--quick] [--out runs/bench_step.json]
@@ -37,6 +39,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -392,6 +395,22 @@ def host_syncs(trainer: Trainer) -> dict:
     return {"host_syncs_per_step": sum(where.values()), "host_sync_sites": dict(where.most_common(12))}
 
 
+NOT_RECORDED = "not recordable as a CUDA graph"
+
+
+def why(err: BaseException) -> str:
+    """One line per exception, outermost first, then the one it was raised while handling (a broken
+    capture: the capture's end, then the operator that broke it), each with its deepest frame in the
+    project's code."""
+    parts = []
+    while err is not None and len(parts) < 3:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if "samatch" in Path(f.filename).parts]
+        where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+        parts.append(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}{where}")
+        err = err.__context__
+    return " <- ".join(parts)
+
+
 def _free(device: str) -> None:
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -425,17 +444,28 @@ def bench_device(
     prof = None
 
     def record(mode, batch, amp, trainer):
-        """Time one case; a case that does not fit in device memory is recorded as such, not fatal."""
+        """Time one case; a case that does not fit in device memory is recorded as such, not fatal. A
+        step that cannot be recorded as a CUDA graph (only a GPU tells) is a row saying why, and the
+        case is timed again eagerly, as are the trainer's later cases."""
+        graphed = getattr(trainer, "graph", None) is not None
         try:
             r = time_steps(trainer, steps, warmup)
         except torch.OutOfMemoryError as err:
             r = {"ms_median": None, "error": f"out of memory: {str(err).splitlines()[0]}"}
+        except Exception as err:
+            if not graphed:
+                raise
+            r = {"ms_median": None, "error": f"{NOT_RECORDED}: {why(err)}"}
         if r["ms_median"] is None:  # after the except block: its traceback no longer holds the step
             trainer.method.discard_step_state()
             _free(device)
-        rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, **r})
-        ms = "did not fit" if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
-        log(f"  {device} batch {batch:>2} {amp} {mode:<9} {ms}")
+        rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, "cuda_graph": graphed, **r})
+        ms = r["error"] if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
+        log(f"  {device} batch {batch:>2} {amp} {mode + (' graph' if graphed else ''):<15} {ms}")
+        if r.get("error", "").startswith(NOT_RECORDED):
+            trainer.graph.reset()
+            trainer.graph = None
+            record(mode, batch, amp, trainer)
 
     for amp in amps:
 
@@ -526,22 +556,30 @@ def profile_steps(trainer: Trainer, steps: int = 3, top: int = 25) -> dict:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """joint / UniMatch at the same precision; the fp32 reference / joint at each precision."""
+    """joint / UniMatch at the same precision, both replayed as CUDA graphs or both eager; the fp32
+    reference (always eager) / joint at each precision."""
     out = []
-    by = {(r["device"], r["batch"], r["amp"], r["mode"]): r["ms_median"] for r in rows}
+    by = {
+        (r["device"], r["batch"], r["amp"], r["mode"], r.get("cuda_graph", False)): r["ms_median"]
+        for r in rows
+    }
 
     def over(a, b):  # None where either case is missing or did not fit
         return None if a is None or b is None else a / b
 
-    for dev, b, amp in dict.fromkeys((r["device"], r["batch"], r["amp"]) for r in rows):
-        joint = by.get((dev, b, amp, "joint"))
+    ours = [r for r in rows if r["mode"] != "reference"]
+    for dev, b, amp, g in dict.fromkeys(
+        (r["device"], r["batch"], r["amp"], r.get("cuda_graph", False)) for r in ours
+    ):
+        joint = by.get((dev, b, amp, "joint", g))
         out.append(
             {
                 "device": dev,
                 "batch": b,
                 "amp": amp,
-                "joint_over_unimatch": over(joint, by.get((dev, b, amp, "unimatch"))),
-                "reference_over_ours": over(by.get((dev, b, "fp32", "reference")), joint),
+                "cuda_graph": g,
+                "joint_over_unimatch": over(joint, by.get((dev, b, amp, "unimatch", g))),
+                "reference_over_ours": over(by.get((dev, b, "fp32", "reference", False)), joint),
             }
         )
     return out
@@ -696,12 +734,13 @@ def format_table(result: dict) -> str:
     )
     lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
+        mode = r["mode"] + (" (graph)" if r.get("cuda_graph") else "")
         if r["ms_median"] is None:
-            lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['error']} |")
+            lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {mode} | {r['error']} |")
             continue
         mem = "-" if r["peak_device_mib"] is None else f"{r['peak_device_mib']:.0f}"
         lines.append(
-            f"| {r['device']} | {r['batch']} | {r['amp']} | {r['mode']} | {r['ms_median']:.1f} | "
+            f"| {r['device']} | {r['batch']} | {r['amp']} | {mode} | {r['ms_median']:.1f} | "
             f"{r['ms_pipelined']:.1f} | {mem} | "
             f"{r['peak_rss_delta_mib']:.0f} | "
             f"{r['encoder_passes_per_step']:g} / {r['decoder_passes_per_step']:g} | "
@@ -718,7 +757,8 @@ def format_table(result: dict) -> str:
         ref, own = (
             "-" if q[k] is None else f"{q[k]:.2f}" for k in ("reference_over_ours", "joint_over_unimatch")
         )
-        lines.append(f"| {q['device']} | {q['batch']} | {q['amp']} | {own} | {ref} |")
+        amp = q["amp"] + (" (graph)" if q.get("cuda_graph") else "")
+        lines.append(f"| {q['device']} | {q['batch']} | {amp} | {own} | {ref} |")
     return "\n".join(lines)
 
 

@@ -220,8 +220,31 @@ def test_a_crash_keeps_the_finished_cases(tmp_path, monkeypatch):
     assert [r["mode"] for r in result["results"]] == ["unimatch"]
     assert result["incomplete"] is True
     assert result["ratios"] == [
-        {"device": "cpu", "batch": 1, "amp": "fp32", "joint_over_unimatch": None, "reference_over_ours": None}
+        {
+            "device": "cpu",
+            "batch": 1,
+            "amp": "fp32",
+            "cuda_graph": False,
+            "joint_over_unimatch": None,
+            "reference_over_ours": None,
+        }
     ]
+
+
+def record_steps_with(monkeypatch, backends: dict) -> list:
+    """bench_step's trainers record their steps through ``backends[method name]`` (tests/op_replay.py
+    stands in for CUDA graphs), with one eager warm-up step per recording; returns the trainers made."""
+    trainers, real_trainer = [], bench.Trainer
+
+    def recording_trainer(cfg, *args, **kwargs):
+        trainer = real_trainer(cfg, *args, graph_backend=backends[cfg.method.name], **kwargs)
+        trainer.graph.warmup = 1
+        trainer.graph.reset()
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(bench, "Trainer", recording_trainer)
+    return trainers
 
 
 @pytest.mark.slow
@@ -230,16 +253,7 @@ def test_cuda_graph_mode_times_replays_and_runs_the_reference_and_counters_eager
     # per recording, so of the two untimed steps the second is the recording and the timed one a replay.
     from op_replay import RecordedOps
 
-    trainers, real_trainer = [], bench.Trainer
-
-    def recording_trainer(*args, **kwargs):
-        trainer = real_trainer(*args, graph_backend=RecordedOps, **kwargs)
-        trainer.graph.warmup = 1
-        trainer.graph.reset()
-        trainers.append(trainer)
-        return trainer
-
-    monkeypatch.setattr(bench, "Trainer", recording_trainer)
+    trainers = record_steps_with(monkeypatch, {"unimatch": RecordedOps, "samatch": RecordedOps})
     out = tmp_path / "bench.json"
 
     # Execute
@@ -257,3 +271,55 @@ def test_cuda_graph_mode_times_replays_and_runs_the_reference_and_counters_eager
     assert rows["reference"]["decoder_passes_per_step"] == 4
     assert rows["joint"]["ops"] > rows["unimatch"]["ops"] > 0
     assert all(math.isfinite(r["ms_median"]) and r["ms_median"] > 0 for r in rows.values())
+    # The ratios pair the replayed steps, and the eager reference with the replayed joint step.
+    (ratio,) = result["ratios"]
+    assert ratio["cuda_graph"] is True
+    assert ratio["joint_over_unimatch"] == pytest.approx(
+        rows["joint"]["ms_median"] / rows["unimatch"]["ms_median"]
+    )
+    assert ratio["reference_over_ours"] == pytest.approx(
+        rows["reference"]["ms_median"] / rows["joint"]["ms_median"]
+    )
+
+
+@pytest.mark.slow
+def test_a_step_that_cannot_be_recorded_is_a_row_saying_why_and_is_timed_eagerly(tmp_path, monkeypatch):
+    # Prepare: the joint step's recording breaks as a CUDA capture does: an operator raises, and
+    # ending the capture raises again while that is handled. UniMatch records as usual.
+    from op_replay import RecordedOps
+
+    class BrokenCapture(RecordedOps):
+        def capture(self, fn):
+            try:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            finally:
+                raise RuntimeError("capture invalidated")
+
+    trainers = record_steps_with(monkeypatch, {"unimatch": RecordedOps, "samatch": BrokenCapture})
+    out = tmp_path / "bench.json"
+
+    # Execute
+    assert bench.main([*QUICK, "--warmup", "2", "--cuda-graph", "--out", str(out)]) == 0
+
+    # Assert: a row for the failed recording naming both errors and where the step was recorded, then
+    # the same case timed eagerly; the ratio pairs only steps timed the same way (none here: UniMatch
+    # was replayed, the joint step eager), while the reference (eager) over the eager joint step is kept.
+    result = json.loads(out.read_text())
+    rows = [(r["mode"], r["cuda_graph"], r["ms_median"] is not None) for r in result["results"]]
+    assert rows == [
+        ("unimatch", True, True),
+        ("joint", True, False),
+        ("joint", False, True),
+        ("reference", False, True),
+    ]
+    error = result["results"][1]["error"]
+    assert error.startswith(
+        "not recordable as a CUDA graph: RuntimeError: capture invalidated (step_graph.py:"
+    )
+    assert " <- RuntimeError: operation not permitted when stream is capturing" in error
+    assert trainers[1].graph is None and trainers[0].graph.captures == 1
+    ratios = {q["cuda_graph"]: q for q in result["ratios"]}
+    assert ratios[True]["joint_over_unimatch"] is None and ratios[False]["joint_over_unimatch"] is None
+    joint_ms, reference_ms = (result["results"][i]["ms_median"] for i in (2, 3))
+    assert ratios[False]["reference_over_ours"] == pytest.approx(reference_ms / joint_ms)
+    assert "| joint (graph) | not recordable as a CUDA graph" in bench.format_table(result)
