@@ -65,14 +65,14 @@ class _Recorder(TorchDispatchMode):
             t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)
         }
         # Outputs that share an input's memory (views) are refreshed with it; the others get copies.
+        outs = tree_leaves(out)
         fresh = [
             i
-            for i, t in enumerate(tree_leaves(out))
+            for i, t in enumerate(outs)
             if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in ins
         ]
         if writes or fresh:  # a pure view needs no replay
             self.ops.append((func, args, kwargs, out, fresh))
-            outs = tree_leaves(out)
             self.made.update(outs[i].untyped_storage().data_ptr() for i in fresh)
         return out
 
