@@ -2,14 +2,14 @@
 
 ``bench_step.py`` times its cases one after the other, so a machine whose speed drifts (a shared
 CPU, the allocator's state) moves one case and not the other, and their ratio with it (1.2-1.5 from
-run to run on this project's 2-core CPU, docs/performance.md). Here the two trainers (the same
+run to run on this project's 2-core CPU, docs/performance_log.md). Here the two trainers (the same
 networks and batch as bench_step's ``unimatch`` and ``joint`` cases) step in turns, UniMatch then
 joint, and each pair gives a ratio; drift that is slow against one pair cancels in it. Prints each
 pair, the median ratio and its spread; the SAM decoder's forward and backward are also timed apart
 (the joint step's batch of prompts: 2B images x (C-1) boxes, LoRA gradients). On the CPU a joint
 step decodes only the prompts that exist (``SamGuidance.skip_invalid``), so the prompts it decoded
 are counted: on the phantom about a third of the pseudo-label prompts exist, which real data need
-not match (docs/performance.md).
+not match (docs/performance_log.md).
 
     python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
         [--amp fp32] [--allocator auto] [--out runs/step_ab.json]

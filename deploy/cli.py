@@ -152,7 +152,7 @@ def do_run(args: argparse.Namespace) -> int:
 def site_state_dir(state_dir: str, flwr_home: str | None) -> str:
     """``--state-dir``, or by default ``fedsamatch-site`` in the SuperNode's Flower home (``--flwr-home``,
     else Flower's own: $FLWR_HOME or ~/.flwr): without a folder, a SAM-Match site would embed all its
-    slices again in every message, each a fresh process (docs/performance.md)."""
+    slices again in every message, each a fresh process (docs/performance_log.md)."""
     if state_dir:
         return state_dir
     from flwr.supercore.utils import get_flwr_home  # here: importing Flower takes 0.4 s, the CLI 0.06 s

@@ -221,7 +221,7 @@ def uncached_sam_warning(node_config: dict[str, Any], site: Site, cfg: TrainConf
 
     A deployment runs every message in a fresh process, so without a site-local folder (node config
     ``state-dir``, which ``deploy supernode`` sets by default) each message encodes all the site's
-    slices again: a SAM-Match round took 118 s instead of 12 s on the 2-core CPU (docs/performance.md).
+    slices again: a SAM-Match round took 118 s instead of 12 s on the 2-core CPU (docs/performance_log.md).
     """
     site_cfg = site.apply(cfg)
     if "data-root" not in node_config or site_cfg.method.name != "samatch":

@@ -2,7 +2,7 @@
 
 With federated evaluation every round, a site gets two instructions per round: evaluate the global
 state aggregated in round r, then (in round r + 1) train from that same state. In a deployment every
-instruction costs a fresh ClientApp process and the SuperNode's idle poll (docs/performance.md), so
+instruction costs a fresh ClientApp process and the SuperNode's idle poll (docs/performance_log.md), so
 under ``evaluate-then-train`` the evaluate phase of round r sends round r + 1's train instruction
 instead, flagged with :data:`EVALUATE_FIRST`: the site evaluates the state it received, then trains
 from it, and replies with its update plus the evaluation as a second MetricRecord named

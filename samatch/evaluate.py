@@ -72,7 +72,7 @@ def evaluate_cases(
     """
     if distances:
         # Imported only here: importing MONAI takes 3-4 s (it loads all its subpackages), which a
-        # deployed site would pay in every evaluation, each a fresh process (docs/performance.md).
+        # deployed site would pay in every evaluation, each a fresh process (docs/performance_log.md).
         from samatch.metrics import case_metrics, case_rows
     rows = []
     for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances):

@@ -4,7 +4,7 @@ glibc's malloc serves every block above 32 MiB with a fresh ``mmap`` and returns
 when freed. A training step allocates and frees gigabytes of such blocks (activations of a 256 x 256
 batch), so every step pays the kernel to map and zero the same amount of memory again: measured on
 this project's 2-core CPU machine, system time took most of a batch-12 step, and turning this off
-made a UniMatch step at batch 12 2.1x faster (docs/performance.md). With ``M_MMAP_MAX = 0`` big blocks
+made a UniMatch step at batch 12 2.1x faster (docs/performance_log.md). With ``M_MMAP_MAX = 0`` big blocks
 come from the heap, and with an unlimited ``M_TRIM_THRESHOLD`` the heap is never shrunk, so freed
 blocks are reused. The cost: the process keeps its peak memory until it exits (``malloc_trim(0)``
 still returns it on request), and blocks of changing sizes fragment the heap, so it can grow past

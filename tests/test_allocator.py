@@ -32,7 +32,7 @@ before = faults()
 x = torch.ones(200 * 2**20, dtype=torch.uint8)
 print(json.dumps({"active": active(), "faults": faults() - before}))
 """
-# What a test's environment may hold that changes malloc: preloads, glibc tunables (docs/performance.md's
+# What a test's environment may hold that changes malloc: preloads, glibc tunables (docs/performance_log.md's
 # bounded heap), MIMALLOC_* and torch's transparent-huge-page switch.
 ALLOCATOR_ENV = ("LD_PRELOAD", "GLIBC_TUNABLES", "MALLOC_CONF", "THP_MEM_ALLOC_ENABLE", allocator.ENV_CHOICE)
 

@@ -108,7 +108,7 @@ def fused_optimizer(device: torch.device | str) -> dict[str, bool]:
 
     One kernel updates every tensor, where the default runs a loop per tensor on the CPU (562
     operators per AdamW step of SAM's 56 LoRA tensors) and, on CUDA, reads each tensor's step count
-    with ``.item()`` (124 operators, 112 of them those reads); fused: 4 (docs/performance.md). The
+    with ``.item()`` (124 operators, 112 of them those reads); fused: 4 (docs/performance_log.md). The
     updates equal the default's to float rounding.
     """
     return {"fused": True} if torch.device(device).type in ("cpu", "cuda") else {}

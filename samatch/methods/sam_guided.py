@@ -154,7 +154,7 @@ class SamGuidance(torch.nn.Module):
         filled = filled_masks(masks, self.enclosed if enclosed is None else enclosed)
         if largest:
             # 24: the training masks of ACDC, BUSI and CHAOS need at most 8 iterations, 17 with ragged
-            # borders like an early U-Net's (benchmarks/lc_iterations.py, docs/performance.md).
+            # borders like an early U-Net's (benchmarks/lc_iterations.py, docs/performance_log.md).
             filled = largest_component(filled, max_iters=24)
         boxes, valid = boxes_from_masks(filled, margin=self.cfg.box_margin)
         if not all_classes:
@@ -232,7 +232,7 @@ class SamGuidance(torch.nn.Module):
 class SamMatch(UniMatch):
     # A joint step decodes SAM twice: the unlabeled batch's pseudo-label prompts and the labeled batch's
     # supervised prompts. When both prompt the same classes they go through one decode of 2B images:
-    # the same values, half the decoder's operators (what a GPU step waits on, docs/performance.md).
+    # the same values, half the decoder's operators (what a GPU step waits on, docs/performance_log.md).
     # False: two decodes (kept for the test that compares them).
     batch_decodes = True
 
