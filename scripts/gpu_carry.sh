@@ -4,7 +4,7 @@
 # wheels, and it cannot download. The data packs for the training parts are made apart
 # (samatch data pack, docs/results.md).
 #
-#   bash scripts/gpu_carry.sh          # here, once (about 20 MB: LiteMedSAM in fp16 + 5 wheels)
+#   bash scripts/gpu_carry.sh          # here, once (about 25 MB: LiteMedSAM in fp16 + 5 wheels)
 #
 # Then one device call, with .gpu carried (the wheels go to /tmp/site, the checkout on the path):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl \
