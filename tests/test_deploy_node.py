@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = textwrap.dedent(
     """
-    import json, os, sys, time
+    import gc, json, os, sys, time
 
     def main():
         if sys.argv[1:] == ["sleep"]:
@@ -39,7 +39,8 @@ PROBE = textwrap.dedent(
         print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "x": os.environ.get("X"),
                           "server_only": os.environ.get("SERVER_ONLY"), "stdin": sys.stdin.readline(),
                           "ppid": os.getppid(), "server": os.environ.get("FEDSAMATCH_WARM_SERVER"),
-                          "heavy": "probe_heavy" in sys.modules}))
+                          "heavy": "probe_heavy" in sys.modules, "frozen": gc.get_freeze_count(),
+                          "gc": gc.isenabled()}))
         if sys.argv[1] == "return":
             return
         sys.exit(int(sys.argv[1]))
@@ -134,11 +135,15 @@ def test_warm_up_drops_the_project_packages_it_imported(tmp_path, monkeypatch):
     assert kept and dropped
 
 
+HEAVY = 5000  # lists the probe's heavy import keeps alive: objects the garbage collector tracks
+
+
 @pytest.fixture
 def server(tmp_path):
     """A warm server with the probe entry point; yields (process, launcher, socket)."""
     (tmp_path / "probe.py").write_text(PROBE)
-    (tmp_path / "probe_heavy.py").write_text(f"open({str(tmp_path / 'imports.txt')!r}, 'a').write('x')\n")
+    heavy = f"open({str(tmp_path / 'imports.txt')!r}, 'a').write('x')\nKEPT = [[] for _ in range({HEAVY})]\n"
+    (tmp_path / "probe_heavy.py").write_text(heavy)
     folder = tmp_path / "warm"
     folder.mkdir()
     launcher = warm.write_launcher(folder)
@@ -169,10 +174,12 @@ def test_each_launch_runs_in_a_fork_of_the_warm_server(server, tmp_path):
     runs = [subprocess.run([str(launcher), arg], input=f"in {arg}\n", **out) for arg in ("3", "0", "return")]
 
     # Assert: arguments, folder, environment (only the launcher's), standard streams and exit status
-    # are the launcher's; the parent is the server, which imported the warm module once for all
+    # are the launcher's; the parent is the server, which imported the warm module once for all and
+    # froze its heap (the heavy module's lists among it) before forking, with collection still on
     assert [r.returncode for r in runs] == [3, 0, 0], [r.stderr for r in runs]
     for run, arg in zip(runs, ("3", "0", "return"), strict=True):
         seen = json.loads(run.stdout)
+        assert seen.pop("frozen") > HEAVY
         assert seen == {
             "argv": ["flwr-clientapp", arg],
             "cwd": str(work),
@@ -182,6 +189,7 @@ def test_each_launch_runs_in_a_fork_of_the_warm_server(server, tmp_path):
             "ppid": proc.pid,
             "server": str(proc.pid),
             "heavy": True,
+            "gc": True,
         }
         assert f"warm server {proc.pid}: forked flwr-clientapp process" in run.stderr
     assert (tmp_path / "imports.txt").read_text() == "x"
