@@ -190,12 +190,15 @@ def warm_up(modules: tuple[str, ...] = WARM_IMPORTS, project: tuple[str, ...] = 
 
 
 def freeze_heap() -> int:
-    """Exempt everything the server holds from the garbage collector, in the server and in every child
-    it forks (``gc.freeze``); returns how many objects. Otherwise a child's first full collection walks
-    the millions of objects torch, flwr and peft made here and writes to each one's header, so the
-    kernel copies most of the inherited heap: 0.24-0.27 s of a SAM-Match child's building of SAM went
-    to it on this project's 2-core CPU, 0.003 s after freezing (docs/performance_log.md). Garbage is
-    collected first, so none of it is kept for good."""
+    """Collect garbage, then exempt everything the server holds from the collector, in the server and
+    in every child it forks (``gc.freeze``); returns how many objects.
+
+    The imports leave some 420,000 objects the collector tracks and has never fully collected, so each
+    child soon ran a full collection that walked all of them and wrote to each one's header, and the
+    kernel copied the pages: 0.25 s of a forked SAM-Match child's building of SAM (0.43 s in all),
+    against 0.003 s after collecting in the server (``benchmarks/fork_gc.py``, this project's 2-core
+    CPU). Freezing also keeps a child's later full collections off the inherited objects.
+    """
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

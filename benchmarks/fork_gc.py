@@ -1,0 +1,159 @@
+"""Benchmark: what Python's garbage collector costs a ClientApp forked from the warm server.
+
+``deploy supernode --warm`` forks every message's ClientApp from a server that has imported torch,
+flwr, peft and transformers once (:mod:`deploy.warm`). Those imports leave millions of objects the
+collector tracks. A child's first full collection walks all of them and writes to each one's header,
+so the kernel copies most of the inherited heap, page by page. The server now freezes its heap
+before forking (:func:`deploy.warm.freeze_heap`, ``gc.freeze``).
+
+This script does what the server does (:func:`deploy.warm.warm_up` with its imports), then forks a
+child that builds LiteMedSAM with LoRA on its mask decoder, as a SAM-Match site's session does. Each
+trial is a fresh process, in one of three settings, in turns:
+
+* ``imported``: the heap as the imports left it (the server before it froze its heap);
+* ``collected``: after a full collection (``gc.collect``) only;
+* ``frozen``: collected and frozen (:func:`deploy.warm.freeze_heap`, what the server does now).
+
+Per child: seconds of the build, seconds spent in the collector (``gc.callbacks``), collections, and
+the objects the child inherited frozen.
+
+    python benchmarks/fork_gc.py [--repeat 2] [--out runs/fork_gc.json]
+
+Asserts nothing about time. Linux (fork) only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from deploy import warm  # noqa: E402
+from samatch.hardware import hardware  # noqa: E402
+
+
+def child_build() -> dict:
+    """In a forked child: build SAM with LoRA as a SAM-Match session does, timing the collector."""
+    spent, started = [0.0, 0], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - started[0]
+            spent[1] += 1
+
+    t0 = time.perf_counter()  # every collection from here on falls within build_s
+    gc.callbacks.append(on_gc)
+    import torch
+
+    torch.set_num_threads(1)
+    from samatch.models.lora import LoraSettings, add_lora  # the project's modules come afresh, as in a child
+    from samatch.models.sam import build_sam
+
+    add_lora(build_sam("litemedsam"), LoraSettings(rank=8, alpha=16.0, targets="decoder"))
+    build = time.perf_counter() - t0
+    gc.callbacks.remove(on_gc)
+    return {"build_s": build, "gc_s": spent[0], "collections": spent[1], "frozen": gc.get_freeze_count()}
+
+
+SETTINGS = ("imported", "collected", "frozen")
+
+
+def trial(setting: str) -> dict:
+    """In this (fresh) process: warm up as the server does, prepare the heap as ``setting`` says, fork
+    one child and return what it measured, with the objects the collector tracked before forking."""
+    warmed = warm.warm_up()
+    if setting != "imported":
+        gc.collect()
+    tracked = len(gc.get_objects())  # before freezing: a frozen object is no longer listed
+    if setting == "frozen":
+        warm.freeze_heap()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read)
+            os.write(write, json.dumps(child_build()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"the forked child failed (status {status})")
+    return {"setting": setting, "warm_up_s": warmed, "objects_tracked": tracked, **json.loads(data)}
+
+
+def run_trial(setting: str) -> dict:
+    """One :func:`trial` in a fresh Python (a heap once collected cannot be un-collected)."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--trial", setting],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"trial {setting} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2, help="trials per setting, in turns")
+    parser.add_argument("--out", type=Path, default=Path("runs/fork_gc.json"))
+    parser.add_argument("--trial", choices=SETTINGS, help=argparse.SUPPRESS)  # one trial, JSON to stdout
+    args = parser.parse_args(argv)
+    if not hasattr(os, "fork"):
+        raise SystemExit("fork_gc.py needs fork (Linux)")
+    if args.trial:
+        print(json.dumps(trial(args.trial)))
+        return 0
+    t0 = time.perf_counter()
+    children = []
+    for _ in range(args.repeat):
+        for setting in SETTINGS:
+            children.append(run_trial(setting))
+            c = children[-1]
+            print(
+                f"{setting:>9}: building SAM with LoRA {c['build_s']:.3f} s, of which the collector "
+                f"{c['gc_s']:.3f} s in {c['collections']} collections ({c['objects_tracked']:,} objects "
+                f"tracked, {c['frozen']:,} frozen)",
+                flush=True,
+            )
+    summary = {
+        setting: {
+            k: statistics.median(c[k] for c in children if c["setting"] == setting)
+            for k in ("build_s", "gc_s", "collections")
+        }
+        for setting in SETTINGS
+    }
+    result = {
+        "benchmark": "fork_gc",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%d"),
+        "hardware": hardware(),
+        "children": children,
+        "summary": summary,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
