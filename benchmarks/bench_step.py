@@ -52,6 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+import samatch  # noqa: E402
 from benchmarks.step_cost import device_rates, eager, floor_ms, step_cost, synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
@@ -62,6 +63,7 @@ from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss  # noqa: E4
 from samatch.methods.match import cutmix  # noqa: E402
 from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks  # noqa: E402
 from samatch.prompts import confident_masks, jitter_boxes  # noqa: E402
+from samatch.step_graph import CaptureFailed  # noqa: E402
 
 # ---- the reference-equivalent pieces ---------------------------------------------------------------
 
@@ -396,15 +398,17 @@ def host_syncs(trainer: Trainer) -> dict:
 
 
 NOT_RECORDED = "not recordable as a CUDA graph"
+SAMATCH = Path(samatch.__file__).resolve().parent
 
 
 def why(err: BaseException) -> str:
     """One line per exception, outermost first, then the one it was raised while handling (a broken
     capture: the capture's end, then the operator that broke it), each with its deepest frame in the
-    project's code."""
+    project's ``samatch`` package."""
     parts = []
     while err is not None and len(parts) < 3:
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if "samatch" in Path(f.filename).parts]
+        tb = traceback.extract_tb(err.__traceback__)
+        frames = [f for f in tb if Path(f.filename).resolve().is_relative_to(SAMATCH)]
         where = f" ({Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
         parts.append(f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}{where}")
         err = err.__context__
@@ -443,28 +447,37 @@ def bench_device(
     keeps them); returns a profile of the first joint case if asked."""
     prof = None
 
+    failed: set[int] = set()  # trainers whose recording failed: eager from then on
+
     def record(mode, batch, amp, trainer):
         """Time one case; a case that does not fit in device memory is recorded as such, not fatal. A
         step that cannot be recorded as a CUDA graph (only a GPU tells) is a row saying why, and the
-        case is timed again eagerly, as are the trainer's later cases."""
+        case is timed again eagerly, as are the trainer's later cases: rows marked ``fallback``, eager
+        steps of a trainer set up for recording (capturable AdamW, the learning rate and the
+        augmentations' generator on the GPU)."""
         graphed = getattr(trainer, "graph", None) is not None
         try:
             r = time_steps(trainer, steps, warmup)
         except torch.OutOfMemoryError as err:
             r = {"ms_median": None, "error": f"out of memory: {str(err).splitlines()[0]}"}
-        except Exception as err:
-            if not graphed:
-                raise
-            r = {"ms_median": None, "error": f"{NOT_RECORDED}: {why(err)}"}
+        except CaptureFailed as err:  # the recording itself, not the warm-up steps or the counters
+            r = {"ms_median": None, "error": f"{NOT_RECORDED}: {why(err.__cause__ or err)}"}
+            trainer.graph = None
+            failed.add(id(trainer))
         if r["ms_median"] is None:  # after the except block: its traceback no longer holds the step
             trainer.method.discard_step_state()
-            _free(device)
-        rows.append({"device": device, "batch": batch, "mode": mode, "amp": amp, "cuda_graph": graphed, **r})
+            try:
+                _free(device)
+            except RuntimeError as err:  # a torch that still counts the broken capture as underway
+                log(f"  could not empty the CUDA cache: {str(err).splitlines()[0]}")
+        row = {"device": device, "batch": batch, "mode": mode, "amp": amp, "cuda_graph": graphed}
+        if not graphed and id(trainer) in failed and mode != "reference":
+            row["fallback"] = True
+        rows.append({**row, **r})
         ms = r["error"] if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
-        log(f"  {device} batch {batch:>2} {amp} {mode + (' graph' if graphed else ''):<15} {ms}")
-        if r.get("error", "").startswith(NOT_RECORDED):
-            trainer.graph.reset()
-            trainer.graph = None
+        label = mode + (" graph" if graphed else " fallback" if row.get("fallback") else "")
+        log(f"  {device} batch {batch:>2} {amp} {label:<18} {ms}")
+        if graphed and trainer.graph is None:  # its recording failed: the same case, eagerly
             record(mode, batch, amp, trainer)
 
     for amp in amps:
@@ -734,7 +747,7 @@ def format_table(result: dict) -> str:
     )
     lines = [hdr, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:
-        mode = r["mode"] + (" (graph)" if r.get("cuda_graph") else "")
+        mode = r["mode"] + (" (graph)" if r.get("cuda_graph") else " (fallback)" if r.get("fallback") else "")
         if r["ms_median"] is None:
             lines.append(f"| {r['device']} | {r['batch']} | {r['amp']} | {mode} | {r['error']} |")
             continue

@@ -193,11 +193,15 @@ def freeze_heap() -> int:
     """Collect garbage, then exempt everything the server holds from the collector, in the server and
     in every child it forks (``gc.freeze``); returns how many objects.
 
-    The imports leave some 420,000 objects the collector tracks and has never fully collected, so each
-    child soon ran a full collection that walked all of them and wrote to each one's header, and the
-    kernel copied the pages: 0.25 s of a forked SAM-Match child's building of SAM (0.43 s in all),
-    against 0.003 s after collecting in the server (``benchmarks/fork_gc.py``, this project's 2-core
-    CPU). Freezing also keeps a child's later full collections off the inherited objects.
+    The imports leave about 500,000 objects the collector tracks. A full collection in a child (one
+    runs whenever enough of the child's objects outlive its younger collections) walked all of them
+    and wrote to each one's header, so the kernel copied the pages: 0.30 s per full collection in a
+    forked child, 0.001-0.002 s with the heap frozen (``benchmarks/fork_gc.py``, this project's 2-core
+    CPU; collecting in the server without freezing leaves it at 0.30 s). In the deployment a
+    SAM-Match ClientApp took a median 3.6 s from fork to exit before, 3.0 s after
+    (docs/performance_log.md). Python's own recipe instead disables collection from the start, so
+    that freed objects leave no holes for a child's new objects to fill page by page; not measured
+    here. Cyclic garbage among frozen objects is never reclaimed.
     """
     gc.collect()
     gc.freeze()

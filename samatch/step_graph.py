@@ -39,6 +39,11 @@ Batch = dict[str, torch.Tensor | None]
 Losses = dict[str, torch.Tensor]
 
 
+class CaptureFailed(RuntimeError):
+    """The step could not be recorded (the error it raised while recording is the ``__cause__``); the
+    recording is dropped, so the next steps of the same key warm up and record again."""
+
+
 class GraphBackend(Protocol):
     def warm(self, fn: Callable[[], Losses]) -> Losses:
         """Run ``fn`` eagerly, as the steps before a capture must run."""
@@ -74,8 +79,16 @@ class CudaGraphs:
         self.graph = torch.cuda.CUDAGraph()
         for g in self.generators:
             self.graph.register_generator_state(g)
-        with torch.cuda.graph(self.graph):
-            return fn()
+        stream = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph):
+                return fn()
+        except BaseException:
+            # When ending a broken capture raises, torch.cuda.graph leaves its capture stream current:
+            # the steps after it would run there.
+            torch.cuda.set_stream(stream)
+            self.graph = None
+            raise
 
     def replay(self) -> None:
         self.graph.replay()
@@ -121,8 +134,14 @@ class StepGraph:
             return self.backend.warm(lambda: self.step(batch))
         if self.outputs is None:
             self.inputs = {k: None if v is None else v.clone() for k, v in batch.items()}
-            with capture_scope():
-                self.outputs = self.backend.capture(lambda: self.step(self.inputs))
+            try:
+                with capture_scope():
+                    self.outputs = self.backend.capture(lambda: self.step(self.inputs))
+            except Exception as err:
+                self.reset()
+                raise CaptureFailed(
+                    f"schedule.cuda_graph: the step could not be recorded: {type(err).__name__}: {err}"
+                ) from err
             self.captures += 1
         else:
             for k, v in batch.items():

@@ -91,5 +91,6 @@ def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):
     assert 0.99 * tracked <= children["frozen"]["frozen"] <= tracked
     assert tracked > 100_000
     for child in children.values():
-        assert 0 <= child["gc_s"] <= child["build_s"]
+        assert 0 <= child["gc_s"] <= child["build_s"] and child["collections"] > 0
+        assert child["full_collection_s"] > 0
     assert set(result["summary"]) == {"imported", "collected", "frozen"}

@@ -312,6 +312,7 @@ def test_a_step_that_cannot_be_recorded_is_a_row_saying_why_and_is_timed_eagerly
         ("joint", False, True),
         ("reference", False, True),
     ]
+    assert [r.get("fallback", False) for r in result["results"]] == [False, False, True, False]
     error = result["results"][1]["error"]
     assert error.startswith(
         "not recordable as a CUDA graph: RuntimeError: capture invalidated (step_graph.py:"
@@ -322,4 +323,5 @@ def test_a_step_that_cannot_be_recorded_is_a_row_saying_why_and_is_timed_eagerly
     assert ratios[True]["joint_over_unimatch"] is None and ratios[False]["joint_over_unimatch"] is None
     joint_ms, reference_ms = (result["results"][i]["ms_median"] for i in (2, 3))
     assert ratios[False]["reference_over_ours"] == pytest.approx(reference_ms / joint_ms)
-    assert "| joint (graph) | not recordable as a CUDA graph" in bench.format_table(result)
+    table = bench.format_table(result)
+    assert "| joint (graph) | not recordable as a CUDA graph" in table and "| joint (fallback) |" in table

@@ -8,7 +8,7 @@ from op_replay import RecordedOps
 from samatch.config import TrainConfig, apply_overrides
 from samatch.data import build_train_data
 from samatch.engine import Trainer
-from samatch.step_graph import StepGraph
+from samatch.step_graph import CaptureFailed, CudaGraphs, StepGraph
 from samatch.transfer import to_device
 
 
@@ -72,6 +72,60 @@ def test_a_batch_of_another_shape_is_recorded_anew():
     assert graph.captures == 2 and out["loss"].item() == 8.0
     with pytest.raises(ValueError, match="at least 1 warm-up"):
         StepGraph(scaled_sum_step(w, lr), RecordedOps(), warmup=0)
+
+
+def test_a_step_that_cannot_be_recorded_raises_capture_failed_and_warms_up_again():
+    # Prepare: a step that reads a value on the host (w.sum().item()): eager steps run, a recording
+    # refuses it. w = [0, 0]; one warm-up step.
+    w = torch.zeros(2)
+
+    def step(batch):
+        w.add_(batch["x"])
+        return {"loss": w * w.sum().item()}
+
+    graph = StepGraph(step, RecordedOps(), warmup=1)
+    graph({"x": torch.ones(2)})  # warm-up: w = [1, 1]
+
+    # Execute / Assert: the recording fails with the reason as its cause, and is dropped ...
+    with pytest.raises(CaptureFailed, match="could not be recorded: RuntimeError: .*on the host") as failed:
+        graph({"x": torch.ones(2)})
+    assert isinstance(failed.value.__cause__, RuntimeError)
+    assert graph.outputs is None and graph.captures == 0
+    # ... so the next step of the same batch layout is an eager warm-up step again (w = [2, 2] -> [3, 3])
+    assert torch.equal(graph({"x": torch.ones(2)})["loss"], torch.full((2,), 18.0))
+
+
+def test_a_broken_cuda_capture_leaves_the_previous_stream_current(monkeypatch):
+    # Prepare: torch.cuda stand-ins. As torch.cuda.graph does, entering the capture makes its stream
+    # current, and an exit that raises (ending a broken capture) leaves it so.
+    current = ["default"]
+
+    class Graph:
+        def register_generator_state(self, g):
+            pass
+
+    class Capture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            current[0] = "capture"
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", Capture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda stream: current.__setitem__(0, stream))
+    backend = CudaGraphs()
+
+    # Execute
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        backend.capture(lambda: {"loss": torch.ones(1)})
+
+    # Assert: the stream before the capture is current again, and no recording is kept
+    assert current == ["default"] and backend.graph is None
 
 
 @pytest.mark.parametrize(
