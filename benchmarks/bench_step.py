@@ -447,8 +447,6 @@ def bench_device(
     keeps them); returns a profile of the first joint case if asked."""
     prof = None
 
-    failed: set[int] = set()  # trainers whose recording failed: eager from then on
-
     def record(mode, batch, amp, trainer):
         """Time one case; a case that does not fit in device memory is recorded as such, not fatal. A
         step that cannot be recorded as a CUDA graph (only a GPU tells) is a row saying why, and the
@@ -463,7 +461,6 @@ def bench_device(
         except CaptureFailed as err:  # the recording itself, not the warm-up steps or the counters
             r = {"ms_median": None, "error": f"{NOT_RECORDED}: {why(err.__cause__ or err)}"}
             trainer.graph = None
-            failed.add(id(trainer))
         if r["ms_median"] is None:  # after the except block: its traceback no longer holds the step
             trainer.method.discard_step_state()
             try:
@@ -471,7 +468,7 @@ def bench_device(
             except RuntimeError as err:  # a torch that still counts the broken capture as underway
                 log(f"  could not empty the CUDA cache: {str(err).splitlines()[0]}")
         row = {"device": device, "batch": batch, "mode": mode, "amp": amp, "cuda_graph": graphed}
-        if not graphed and id(trainer) in failed and mode != "reference":
+        if not graphed and mode != "reference" and trainer.cfg.schedule.cuda_graph:  # recording failed
             row["fallback"] = True
         rows.append({**row, **r})
         ms = r["error"] if r["ms_median"] is None else f"{r['ms_median']:10.1f} ms/step"
