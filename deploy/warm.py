@@ -245,7 +245,7 @@ def _run_child(request: dict, fds: list[int], entry: str) -> None:
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        atexit._run_exitcallbacks()
+        atexit._run_exitfuncs()  # what a fresh interpreter runs at exit
     except BaseException:  # noqa: BLE001  (report anything, then exit: a child never returns)
         traceback.print_exc()
     finally:

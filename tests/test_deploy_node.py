@@ -30,9 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROBE = textwrap.dedent(
     """
-    import gc, json, os, sys, time
+    import atexit, gc, json, os, sys, time
 
     def main():
+        atexit.register(lambda: print("probe: atexit handler ran", file=sys.stderr, flush=True))
         if sys.argv[1:] == ["sleep"]:
             print("ready", flush=True)
             time.sleep(60)
@@ -194,6 +195,8 @@ def test_each_launch_runs_in_a_fork_of_the_warm_server(server, tmp_path):
             "gc": True,
         }
         assert f"warm server {proc.pid}: forked flwr-clientapp process" in run.stderr
+        # the entry's exit handlers run, as in a fresh process, and the child exits cleanly
+        assert "probe: atexit handler ran" in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert (tmp_path / "imports.txt").read_text() == "x"
 
 
