@@ -48,9 +48,11 @@ command line here):
     site folder (median of 3). ``flwr-run`` also runs once with ``evaluate-then-train``.
 
   ``flwr-run`` and ``deploy`` are read from the run folder's ``results.json`` only: round wall = the
-  difference of consecutive rounds' ``seconds``; the sites run concurrently, so training and
-  evaluation on the critical path = waves x the sites' mean ``train-seconds`` / ``evaluate-seconds``
-  (reply metrics; waves = sites / concurrent ClientApps, 1 when each site has a core). Their
+  difference of consecutive rounds' ``seconds``; the sites run concurrently and each phase waits for
+  the slowest, so training and evaluation on the critical path = the slowest site's
+  ``train-seconds`` / ``evaluate-seconds`` (the server's per-site reply metrics; with waves = sites /
+  concurrent ClientApps above 1, or a results.json without per-site metrics, waves x the sites'
+  means; ``overhead_mean_s`` is always the latter, this benchmark's measure until 2026-11-28). Their
   overhead is not broken down further (Ray's and Flower's HTTPS transports are not instrumented);
   their bytes per site are the payload part's for the same method, transport and packing.
 
@@ -123,25 +125,64 @@ def stop_leftovers(marker: str) -> list[int]:
     return leftovers
 
 
+def site_seconds(row: dict, phase: str, key: str) -> dict[str, float] | None:
+    """A round's ``key`` seconds in ``phase`` ("train" / "evaluate") per accepted site, by node id
+    (the server's ``<phase>-sites`` metrics); {"mean": the sites' mean} from a results.json without
+    them or a reply without the key; None when the round has no such seconds."""
+    sites = row.get(f"{phase}-sites", {}).get("metrics")
+    if sites and all(key in m for m in sites.values()):
+        return {node: float(m[key]) for node, m in sites.items()}
+    if key in row.get(phase, {}):
+        return {"mean": float(row[phase][key])}
+    return None
+
+
+def mean_path(parts: list[dict[str, float] | None], waves: int) -> list[float]:
+    """``waves`` x each part's mean over the sites (0 for a part without seconds)."""
+    return [waves * statistics.fmean(p.values()) if p else 0.0 for p in parts]
+
+
+def slowest(parts: list[dict[str, float] | None], waves: int) -> list[float]:
+    """The parts of one phase's critical path: the site whose parts sum to the most (a phase waits
+    for its slowest site), each part of that site (0 where it has none). With ``waves`` > 1 (sites
+    taking turns) or without per-site seconds: :func:`mean_path`."""
+    given = [p for p in parts if p]
+    if waves > 1 or any("mean" in p for p in given):
+        return mean_path(parts, waves)
+    nodes = sorted(set().union(*given))
+    if not nodes:
+        return [0.0] * len(parts)
+    worst = max(nodes, key=lambda n: sum((p or {}).get(n, 0.0) for p in parts))
+    return [(p or {}).get(worst, 0.0) for p in parts]
+
+
 def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seconds") -> list[dict]:
     """Per round from a results.json: wall (``seconds`` differences); train and evaluate on the
-    round's critical path (``waves`` x the sites' mean ``train-seconds`` / ``evaluate-seconds``;
-    evaluate None when a round evaluated but the replies carry no seconds); overhead = the rest.
-    Under evaluate-then-train a round's training runs in the previous round's evaluation phase, so it
-    counts on that round's critical path."""
+    round's critical path: each phase waits for its slowest site (:func:`slowest`), so a train phase
+    counts the slowest site's ``train-seconds`` and an evaluate phase the slowest site's
+    ``evaluate-seconds`` (evaluate None when a round evaluated but the replies carry no seconds);
+    overhead = the rest. Under evaluate-then-train a round's training runs in the previous round's
+    evaluation phase, in the same message as that evaluation: that phase counts the site whose
+    evaluation and training together took longest. ``overhead_mean_s`` is the overhead with the
+    sites' means instead of the slowest site (this benchmark's measure until 2026-11-28)."""
     rows, previous = [], 0.0
     listed = results.get("rounds", [])
     ridden = {  # rounds whose train instructions went out with the previous round's evaluation
         row["round"] for row in listed if "with-evaluation-of-round" in row.get("train-instructions", {})
     }
-    seconds_of = {row["round"]: float(row.get("train", {}).get("train-seconds", 0.0)) for row in listed}
+    by_round = {row["round"]: row for row in listed}
     for row in listed:
         wall = row["seconds"] - previous
         previous = row["seconds"]
         r = row["round"]
-        train = waves * ((r not in ridden) * seconds_of[r] + (r + 1 in ridden) * seconds_of.get(r + 1, 0.0))
-        seconds = row.get("evaluate", {}).get(evaluate_key, None if "evaluate" in row else 0.0)
-        evaluate = None if seconds is None else waves * float(seconds)
+        own = site_seconds(row, "train", "train-seconds") if r not in ridden else None
+        evaluated = site_seconds(row, "evaluate", evaluate_key)
+        carried = site_seconds(by_round[r + 1], "train", "train-seconds") if r + 1 in ridden else None
+        (own_train,) = slowest([own], waves)
+        evaluate, carried_train = slowest([evaluated, carried], waves)
+        train = own_train + carried_train
+        if evaluated is None:  # None: evaluated without seconds; 0: not evaluated
+            evaluate = None if "evaluate" in row else 0.0
         rows.append(
             {
                 "round": row["round"],
@@ -153,6 +194,7 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
                 "train_s": train,
                 "evaluate_s": evaluate,
                 "overhead_s": wall - train - (evaluate or 0.0),
+                "overhead_mean_s": wall - sum(mean_path([own, evaluated, carried], waves)),
                 "breakdown": None,
                 "bytes_source": "computed",
             }
@@ -353,6 +395,7 @@ def summarize(rounds: list[dict]) -> dict:
         "train_s": med(lambda r: r["train_s"]),
         "evaluate_s": med(lambda r: r["evaluate_s"]),
         "overhead_s": med(lambda r: r["overhead_s"]),
+        "overhead_mean_s": med(lambda r: r.get("overhead_mean_s")),
         "round1_wall_s": rounds[0]["wall_s"],
         "round1_overhead_s": rounds[0]["overhead_s"],
         "up_bytes_per_site": max((s["up_payload_bytes"] for s in sites), default=None),
@@ -399,12 +442,13 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def runs_of(cases: list[dict]) -> dict[str, list[float]]:
-    """Per case run more than once (``--runs``): the overhead of each run (its warm rounds' median)."""
+def runs_of(cases: list[dict], key: str = "overhead_s") -> dict[str, list[float]]:
+    """Per case run more than once (``--runs``): the overhead (``key``) of each run (its warm rounds'
+    median)."""
     overheads: dict[str, list[float]] = {}
     for c in cases:
-        if c["summary"].get("overhead_s") is not None:
-            overheads.setdefault(c["name"], []).append(c["summary"]["overhead_s"])
+        if c["summary"].get(key) is not None:
+            overheads.setdefault(c["name"], []).append(c["summary"][key])
     return {name: values for name, values in overheads.items() if len(values) > 1}
 
 
@@ -427,11 +471,15 @@ def cases_table(cases: list[dict]) -> list[str]:
             f"| {_fmt(s.get('round1_wall_s'), '.1f')} | {_fmt(up and up / MB, '.2f')} "
             f"| {_fmt(down and down / MB, '.2f')} |"
         )
+    means = runs_of(cases, "overhead_mean_s")
     for name, overheads in runs_of(cases).items():
-        lines.append(
+        line = (
             f"{name}: overhead median {statistics.median(overheads):.2f} s over {len(overheads)} runs "
             f"({min(overheads):.2f}-{max(overheads):.2f})"
         )
+        if name in means:
+            line += f"; with the sites' mean training: {statistics.median(means[name]):.2f} s"
+        lines.append(line)
     for c in cases:
         if c.get("error"):
             lines.append(f"{c['name']}: failed: {c['error']}")

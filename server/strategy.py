@@ -26,7 +26,9 @@ does the work:
   give round r's evaluation and, kept, round r + 1's training, whose phase then sends nothing. One
   message per site per round.
 
-Aggregated metrics of every round are kept in ``history`` for the server's results.json.
+Aggregated metrics of every round are kept in ``history`` for the server's results.json, and each
+accepted site's own metrics under ``train-sites`` / ``evaluate-sites`` ``metrics`` (by node id: a
+straggler's ``train-seconds``, a hospital's own Dice).
 """
 
 from __future__ import annotations
@@ -287,6 +289,7 @@ class FedSAMatch(FedAvg):
             replies, self._early = self._early, None
         accepted, report = self._screen(r, replies, lambda c: check_train_reply(c, self._rules()), "train")
         entry = self.history.setdefault(r, {})
+        report["metrics"] = {str(msg.metadata.src_node_id): dict(m) for msg, (_, m) in accepted}
         entry["train-sites"] = report
         log(
             INFO,
@@ -342,6 +345,7 @@ class FedSAMatch(FedAvg):
         if self._early is not None:  # train replies of round r + 1 that carry round r's evaluation
             self._early, check = replies, check_evaluation
         accepted, report = self._screen(r, replies, check, "evaluate")
+        report["metrics"] = {str(msg.metadata.src_node_id): dict(m) for msg, m in accepted}
         self.history.setdefault(r, {})["evaluate-sites"] = report
         for msg, _ in accepted:  # these sites now hold the arrays their instruction named
             node = msg.metadata.src_node_id

@@ -221,6 +221,43 @@ def test_results_rounds_under_evaluate_then_train():
     assert [r["bytes_per_site"]["all"]["down_payload_bytes"] for r in rows] == [240, 120, 120]
 
 
+def with_sites(row: dict, train: dict | None = None, evaluate: dict | None = None) -> dict:
+    """``row`` with the server's per-site metrics: node id -> train (evaluate) seconds."""
+    for phase, seconds in (("train", train), ("evaluate", evaluate)):
+        if seconds is not None:
+            key = f"{phase}-seconds"
+            row[f"{phase}-sites"] = {
+                "metrics": {n: {key: v, "num-examples": 1.0} for n, v in seconds.items()}
+            }
+    return row
+
+
+def test_results_rounds_wait_for_the_slowest_site():
+    # Prepare: two sites, evaluate-then-train. Round 1: its own training (site 1: 2.0 s, site 2:
+    # 3.0 s), then one message per site evaluating round 1 (0.5 / 0.1 s) and training round 2
+    # (2.0 / 2.2 s). Round 2: its evaluation alone (0.2 / 0.4 s). The means are the server's.
+    ridden = {"with-arrays": 2, "kept-global": 0, "resent": 0, "with-evaluation-of-round": 1}
+    results = {
+        "rounds": [
+            with_sites(round_row(1, 10.0, 2.5, evaluate=0.3), {"1": 2.0, "2": 3.0}, {"1": 0.5, "2": 0.1}),
+            with_sites(round_row(2, 13.0, 2.1, 0.3, ridden), {"1": 2.0, "2": 2.2}, {"1": 0.2, "2": 0.4}),
+        ]
+    }
+
+    # Execute
+    rows, seconds = computed_rows(results, waves=1)
+
+    # Assert: round 1 = site 2's own training 3.0, then the message of site 1 (0.5 + 2.0 = 2.5 s,
+    # against site 2's 0.1 + 2.2 = 2.3 s): train 5.0, evaluate 0.5, overhead 10 - 5.5. Not the
+    # slowest part of each (3.0 + 2.2 + 0.5 = 5.7). Round 2: site 2's evaluation, 3 - 0.4.
+    assert seconds == [(10.0, 5.0, 0.5, pytest.approx(4.5)), (3.0, 0.0, 0.4, pytest.approx(2.6))]
+    # The sites' means instead: 10 - (2.5 + 0.3 + 2.1) and 3 - 0.3
+    assert [r["overhead_mean_s"] for r in rows] == [pytest.approx(5.1), pytest.approx(2.7)]
+    # Sites taking turns (2 waves): twice the means, as without per-site seconds
+    _, turns = computed_rows(results, waves=2)
+    assert turns[0] == (10.0, pytest.approx(2 * 4.6), pytest.approx(0.6), pytest.approx(10.0 - 9.8))
+
+
 def test_select_cases_by_engine_and_method():
     # The SAM-Match deployment case alone; every deploy case without a method filter
     assert bench.select_cases(["deploy"], quick=False, methods=["samatch-avg"]) == [

@@ -84,6 +84,11 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
     assert [r["round"] for r in rounds] == [1, 2]
     assert [len(r["train-sites"]["accepted"]) for r in rounds] == [3, 3]
     assert not any(r["train-sites"]["rejected"] or r["train-sites"]["failed"] for r in rounds)
+    # each site's own metrics, by node id: the server knows which site trained how long
+    for r in rounds:
+        sites = r["train-sites"]
+        assert sorted(sites["metrics"]) == sorted(map(str, sites["accepted"]))
+        assert all(m["train-seconds"] > 0 for m in sites["metrics"].values())
     # evaluate-then-train across real SuperNodes: round 2's training went out with round 1's evaluation
     assert rounds[1]["train-instructions"] == {
         "with-arrays": 3,
@@ -105,6 +110,7 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
         started = node_log.count("Start `flwr-clientapp` process")
         forked = len(re.findall(r"warm server \d+: forked flwr-clientapp process \d+", node_log))
         assert started >= 2 and forked == started, (site, started, forked)
+        assert "Traceback" not in node_log, (site, node_log[-3000:])  # each ended cleanly
         if on_mimalloc:  # every message's ClientApp process inherited the SuperNode's preloaded allocator
             assert "host allocator: mimalloc (freed pages kept)" in node_log, site
             assert "host allocator: the system" not in node_log, site

@@ -137,6 +137,28 @@ def test_zero_total_weight_leaves_the_model_unchanged(task_identity):
     assert arrays is None and strategy.history[1]["train-sites"]["aggregated"] is False
 
 
+def test_each_accepted_sites_metrics_are_kept_by_node(task_identity):
+    strategy = strategy_after_configure()
+    nan = {**GOOD_B, "w": np.array([np.nan, 0], np.float32)}
+    replies = [reply(2, GOOD_B, **{"train-seconds": 3.5}), reply(1, GOOD_A, **{"train-seconds": 1.25}),
+               reply(3, nan, **{"train-seconds": 9.0})]  # fmt: skip
+    strategy.aggregate_train(1, replies)
+    sites = strategy.history[1]["train-sites"]
+    assert list(sites["rejected"]) == ["3"]  # the rejected site's metrics are not kept
+    assert sites["metrics"] == {
+        "1": {"num-examples": 1.0, "num-labeled": 1.0, "num-unlabeled": 0.0, "train-seconds": 1.25},
+        "2": {"num-examples": 1.0, "num-labeled": 1.0, "num-unlabeled": 0.0, "train-seconds": 3.5},
+    }
+    assert strategy.history[1]["train"]["train-seconds"] == pytest.approx((1.25 + 3.5) / 2)
+
+    instruction = Message(RecordDict(), dst_node_id=1, message_type="evaluate")
+    evaluation = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 4, "dice_mean": 0.75})}), reply_to=instruction
+    )
+    strategy.aggregate_evaluate(1, [evaluation])
+    assert strategy.history[1]["evaluate-sites"]["metrics"] == {"1": {"num-examples": 4.0, "dice_mean": 0.75}}
+
+
 # ---- robust aggregation against one poisoned site, by hand ----------------------------------------------
 
 A, B, D = np.array([1.0, 2.0]), np.array([3.0, 4.0]), np.array([5.0, 6.0])
