@@ -106,6 +106,7 @@ from benchmarks.round_payloads import bench_payloads, payload_for  # noqa: E402
 from deploy.cli import site_state_dir  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
+from federation import pull_retry  # noqa: E402
 from samatch.hardware import hardware  # noqa: E402
 
 # ---- flwr run and deployment engines ----------------------------------------------------------------
@@ -264,6 +265,7 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
     # The rehearsal's own data (phantom patients as NIfTI files) and settings, then ours.
     overrides = scale.run_config(case)
     rehearsal = Rehearsal(workdir / "deploy", cfg)
+    rehearsal.procs.env[pull_retry.ENV] = f"{case.pull_retry_s:g}"  # every process the rehearsal starts
     t0 = time.perf_counter()
     outcome, leftovers = None, []
     try:

@@ -1,5 +1,5 @@
 """``python -m deploy.node [--poll-interval S] [--no-warm] -- <flower-supernode arguments>``: Flower
-1.42's SuperNode with the two per-message costs of its runtime cut (what ``deploy supernode`` runs).
+1.42's SuperNode with the per-message costs of its runtime cut (what ``deploy supernode`` runs).
 
 * **Idle poll.** The SuperNode asks the SuperLink for a message, and when there is none it sleeps a
   fixed 3 s (``flwr/supernode/start_client_internal.py``, not configurable in 1.42); it always finds
@@ -11,7 +11,10 @@
   beside the SuperNode and puts its ``flwr-clientapp`` launcher first on PATH, so each message's
   ClientApp is forked from a process that has already imported torch and flwr.
 
-Both reach into Flower 1.42's internals; ``tests/test_deploy_node.py`` fails if the SuperNode's
+* **Object retries.** The SuperNode pulls its message's objects with Flower's 1 s first retry;
+  :mod:`federation.pull_retry` makes it 0.05 s (the warm server does the same for its ClientApps).
+
+All three reach into Flower 1.42's internals; ``tests/test_deploy_node.py`` fails if the SuperNode's
 loop no longer sleeps through the name patched here.
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 
 from deploy import warm
 from deploy.procs import alive
+from federation import pull_retry
 
 DEFAULT_POLL_S = 0.5
 POLL_LOOP = "start_client_internal"  # the function whose sleep is the idle poll
@@ -145,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = p.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    cap_supernode_poll(args.poll_interval)
+    loop = cap_supernode_poll(args.poll_interval)
+    pull_retry.shorten(loop, "pull_objects")  # its message's objects, while the server still sends them
     if args.warm and (why := warm.unavailable()):
         print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)
     elif args.warm:

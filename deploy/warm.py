@@ -40,6 +40,7 @@ FALLBACK_ENV = "FEDSAMATCH_WARM_FALLBACK"  # the real flwr-clientapp, run when n
 SERVER_ENV = "FEDSAMATCH_WARM_SERVER"  # set in each child: the PID of the server it was forked from
 LAUNCHER = "flwr-clientapp"  # the name Flower's SuperExec starts (TASK_TYPE_TO_COMMAND)
 ENTRY = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"
+PULL_MODULE = "flwr.supernode.runtime.run_clientapp"  # pulls the message's objects from the SuperNode
 # What a deployed ClientApp imports: the app, SAM-Match's method (peft, transformers) and torch's
 # compiler (imported by the first optimizer); this project's own modules are dropped after warming.
 WARM_IMPORTS = ("clients.client_app", "samatch.methods.sam_guided", "torch._dynamo")
@@ -184,9 +185,30 @@ def warm_up(modules: tuple[str, ...] = WARM_IMPORTS, project: tuple[str, ...] = 
             importlib.import_module(name)
         except ImportError as exc:
             print(f"warm server: not warmed: {name}: {exc}", file=sys.stderr, flush=True)
+    drop_project(project)
+    return time.perf_counter() - t0
+
+
+def drop_project(project: tuple[str, ...] = PROJECT_PACKAGES) -> None:
+    """Forget ``project``'s modules, so a child imports the run's own copy from its FAB."""
     for name in [m for m in sys.modules if m.partition(".")[0] in project]:
         del sys.modules[name]
-    return time.perf_counter() - t0
+
+
+def shorten_pull_retry() -> None:
+    """Flower's ClientApp pulls its message with a 1 s first retry of a missing object; make it
+    :mod:`federation.pull_retry`'s (that module is this project's: dropped again afterwards)."""
+    loop = sys.modules.get(PULL_MODULE)
+    if loop is None:  # another entry point than Flower's
+        return
+    try:
+        from federation import pull_retry
+
+        pull_retry.shorten(loop, "pull_and_inflate_object_from_tree")
+    except (ImportError, TypeError, ValueError) as exc:
+        print(f"warm server: Flower's object retry left as it is: {exc}", file=sys.stderr, flush=True)
+    finally:
+        drop_project()
 
 
 def freeze_heap() -> int:
@@ -273,6 +295,7 @@ def serve(
     try:
         took = warm_up(imports)
         _entry(entry)  # Flower's flwr-clientapp modules
+        shorten_pull_retry()
         freeze_heap()
         if (threads := _threads()) > 1:
             print(

@@ -19,7 +19,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from flwr.superlink.grid import http_grid
 
+from federation import pull_retry
 from federation.config import RESUME_AUTO, FederationConfig, manifest_tasks, parse_run_config
 from federation.local import initial_state
 from federation.outputs import RunRecorder, load_resume
@@ -169,6 +171,8 @@ def main(grid: Grid, context: Context) -> None:
     grace = fed.straggler_timeout if fed.straggler_timeout > 0 else float("inf")
     poll = min(fed.reply_poll, getattr(grid, "pull_interval", fed.reply_poll))  # Ray's grid: 0.1 s
     grid = QuorumGrid(grid, fed.min_train_replies, grace, poll, resend=strategy.resend_with_arrays)
+    # A reply pulled while its objects still arrive is retried after 0.05 s, not Flower's 1 s.
+    pull_retry.shorten(http_grid, "pull_objects")
     strategy.start(
         grid=grid,
         initial_arrays=to_record(state, keys, "fp32"),

@@ -259,16 +259,28 @@ def test_results_rounds_wait_for_the_slowest_site():
 
 
 def test_select_cases_by_engine_and_method():
-    # The SAM-Match deployment case alone; every deploy case without a method filter
-    assert bench.select_cases(["deploy"], quick=False, methods=["samatch-avg"]) == [
-        bench.Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True)
+    # The SAM-Match deployment cases alone: the default, then with Flower's 1 s object retry
+    samatch = bench.select_cases(["deploy"], quick=False, methods=["samatch-avg"])
+    assert samatch == [
+        bench.Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True),
+        bench.Case("deploy", "samatch-avg", "fp32", pack=True, evaluate_then_train=True, pull_retry_s=1.0),
     ]
+    assert [c.supernode for c in samatch] == ["warm, poll 0.5 s", "warm, poll 0.5 s, object retry 1 s"]
     deploy = bench.select_cases(["deploy"], quick=False)
-    assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 5
+    assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 6
     # the deployment's default and Flower 1.42's own runtime, by name
     assert bench.select_cases(["deploy"], quick=False, methods=["unimatch"], only="then-train") == [
         bench.Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
-        bench.Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True, warm=False, poll_s=3.0),
+        bench.Case(
+            "deploy",
+            "unimatch",
+            "fp32",
+            pack=True,
+            evaluate_then_train=True,
+            warm=False,
+            poll_s=3.0,
+            pull_retry_s=1.0,
+        ),
     ]
 
 

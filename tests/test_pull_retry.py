@@ -1,0 +1,108 @@
+"""federation.pull_retry: Flower's object pulls retry a missing object after 0.05 s instead of 1 s, in
+the ServerApp's grid, the SuperNode's loop and the warm server's ClientApps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError, pull_objects
+
+from federation import pull_retry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gap_before_retry(pull) -> float:
+    """Seconds between the first request for an object (missing: it is still being uploaded) and
+    the second, through ``pull`` (Flower's ``pull_objects`` as a module would call it)."""
+    asked: list[float] = []
+
+    def pull_object(object_id: str) -> bytes:
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    assert pull(["abc"], pull_object_fn=pull_object) == {"abc": b"content"}
+    return asked[1] - asked[0]
+
+
+def test_a_missing_object_is_asked_for_again_after_the_short_wait(monkeypatch):
+    # Prepare: a module that imported Flower's pull_objects, as flwr.superlink.grid.http_grid does
+    module = types.ModuleType("caller")
+    module.pull_objects = pull_objects
+    monkeypatch.delenv(pull_retry.ENV, raising=False)
+
+    # Execute: Flower's own wait, then the shortened one (twice: the second call rebinds, not nests)
+    flower_s = gap_before_retry(module.pull_objects)
+    assert pull_retry.shorten(module, "pull_objects") == 0.05
+    assert pull_retry.shorten(module, "pull_objects", 0.1) == 0.1
+    short_s = gap_before_retry(module.pull_objects)
+
+    # Assert: Flower waits 1 s +-20%; shortened, 0.1 s +-20% (a 2-core machine adds a little)
+    print(f"checked: retry after {flower_s:.3f} s (Flower) and {short_s:.3f} s (shortened to 0.1 s)")
+    assert flower_s >= 0.75
+    assert 0.075 <= short_s < 0.5
+    assert module.pull_objects.func is pull_objects and module.pull_objects.keywords == {
+        "initial_backoff": 0.1
+    }
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, 0.05), ("", 0.05), (" 0.2 ", 0.2), ("1", 1.0), ("0", None), ("-1", None), ("x", None)],
+)
+def test_the_first_retry_comes_from_the_environment(monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(pull_retry.ENV, raising=False)
+    else:
+        monkeypatch.setenv(pull_retry.ENV, value)
+    if expected is None:
+        with pytest.raises(
+            ValueError, match=rf"\$FEDSAMATCH_PULL_RETRY_S={value!r}: must be a number of seconds > 0"
+        ):
+            pull_retry.first_retry_s()
+    else:
+        assert pull_retry.first_retry_s() == expected
+
+
+def test_a_function_without_the_keyword_is_refused():
+    module = types.ModuleType("caller")
+    module.pull = lambda ids: ids
+    with pytest.raises(TypeError, match="caller.pull takes no 'initial_backoff': Flower changed"):
+        pull_retry.shorten(module, "pull")
+
+
+def test_the_server_and_the_supernode_pull_through_the_names_shortened(monkeypatch):
+    # The ServerApp's grid and the SuperNode's loop call pull_objects by the name their module
+    # imported: shortening that name reaches their calls (monkeypatch restores Flower's afterwards)
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+
+    for module in (http_grid, start_client_internal):
+        monkeypatch.setattr(module, "pull_objects", module.pull_objects)
+        assert "pull_objects(" in Path(module.__file__).read_text(), module.__name__
+        pull_retry.shorten(module, "pull_objects")
+        assert module.pull_objects.keywords == {"initial_backoff": 0.05}
+
+
+def test_the_warm_server_shortens_its_clientapps_retry_and_keeps_no_project_module():
+    # In a fresh process (the warm server forgets this project's modules, which a test process needs)
+    code = (
+        "import json, sys; from deploy import warm; warm._entry(warm.ENTRY); warm.shorten_pull_retry(); "
+        "pull = sys.modules[warm.PULL_MODULE].pull_and_inflate_object_from_tree; "
+        "left = [m for m in sys.modules if m.partition('.')[0] in warm.PROJECT_PACKAGES]; "
+        "print(json.dumps({'keywords': pull.keywords, 'left': left}))"
+    )
+    env = {"PATH": "/usr/bin:/bin", pull_retry.ENV: "0.02"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.splitlines()[-1]) == {"keywords": {"initial_backoff": 0.02}, "left": []}
