@@ -269,18 +269,10 @@ def test_select_cases_by_engine_and_method():
     deploy = bench.select_cases(["deploy"], quick=False)
     assert {c.engine for c in deploy} == {"deploy"} and len(deploy) == 6
     # the deployment's default and Flower 1.42's own runtime, by name
-    assert bench.select_cases(["deploy"], quick=False, methods=["unimatch"], only="then-train") == [
-        bench.Case("deploy", "unimatch", "fp32", pack=True, evaluate_then_train=True),
-        bench.Case(
-            "deploy",
-            "unimatch",
-            "fp32",
-            pack=True,
-            evaluate_then_train=True,
-            warm=False,
-            poll_s=3.0,
-            pull_retry_s=1.0,
-        ),
+    chosen = bench.select_cases(["deploy"], quick=False, methods=["unimatch"], only="then-train")
+    assert [c.name for c in chosen] == [
+        "deploy unimatch fp32 packed evaluate-then-train (warm, poll 0.5 s)",
+        "deploy unimatch fp32 packed evaluate-then-train (fresh, poll 3 s, object retry 1 s)",
     ]
 
 
