@@ -5,8 +5,9 @@
   fixed 3 s (``flwr/supernode/start_client_internal.py``, not configurable in 1.42); it always finds
   none right after replying, so each round waits up to 3 s more per site. ``--poll-interval`` caps
   that sleep by replacing the module's ``time`` with :class:`CappedSleep`. Each idle site then asks
-  the SuperLink 1 / ``poll-interval`` times a second instead of once every 3 s. (The loop's 0.5 s
-  waits for the ClientApp's reply are left: 0.05 s made no measurable difference here.)
+  the SuperLink 1 / ``poll-interval`` times a second instead of once every 3 s.
+* **Reply checks.** While the ClientApp runs, the SuperNode looks for its reply every 0.5 s, then
+  for the reply's objects; 0.05 s here (it reads its own state, not the network).
 * **A fresh process per message.** ``--warm`` (the default) starts :mod:`deploy.warm`'s server
   beside the SuperNode and puts its ``flwr-clientapp`` launcher first on PATH, so each message's
   ClientApp is forked from a process that has already imported torch and flwr.
@@ -14,8 +15,8 @@
 * **Object retries.** The SuperNode pulls its message's objects with Flower's 1 s first retry;
   :mod:`federation.pull_retry` makes it 0.05 s (the warm server does the same for its ClientApps).
 
-All three reach into Flower 1.42's internals; ``tests/test_deploy_node.py`` fails if the SuperNode's
-loop no longer sleeps through the name patched here.
+All of them reach into Flower 1.42's internals; ``tests/test_deploy_node.py`` fails if the
+SuperNode's loop no longer sleeps through the name patched here.
 """
 
 from __future__ import annotations
@@ -36,33 +37,38 @@ from federation import pull_retry
 
 DEFAULT_POLL_S = 0.5
 POLL_LOOP = "start_client_internal"  # the function whose sleep is the idle poll
+# Where the SuperNode waits 0.5 s at a time for the ClientApp's reply, then for the reply's objects
+REPLY_WAITS = ("_push_messages", "yield_object_contents")
+REPLY_CHECK_S = 0.05
 
 
 class CappedSleep:
-    """Stands in for the ``time`` module inside one module: ``sleep(s)`` called from the function
-    named ``caller`` sleeps ``min(s, cap)``, from anywhere else ``s``; every other attribute is
-    ``clock``'s."""
+    """Stands in for the ``time`` module inside one module: ``sleep(s)`` called from a function
+    named in ``caps`` sleeps ``min(s, caps[name])``, from anywhere else ``s``; every other attribute
+    is ``clock``'s."""
 
-    def __init__(self, cap: float, caller: str = POLL_LOOP, clock=time):
-        if cap <= 0:
-            raise ValueError(f"poll interval {cap}: must be > 0 s")
-        self.cap, self.caller, self._clock = float(cap), caller, clock
+    def __init__(self, caps: dict[str, float], clock=time):
+        for caller, cap in caps.items():
+            if cap <= 0:
+                raise ValueError(f"{caller}: wait {cap}: must be > 0 s")
+        self.caps, self._clock = dict(caps), clock
 
     def sleep(self, seconds: float) -> None:
-        capped = sys._getframe(1).f_code.co_name == self.caller
-        self._clock.sleep(min(seconds, self.cap) if capped else seconds)
+        cap = self.caps.get(sys._getframe(1).f_code.co_name)
+        self._clock.sleep(seconds if cap is None else min(seconds, cap))
 
     def __getattr__(self, name: str):
         return getattr(self._clock, name)
 
 
-def cap_supernode_poll(cap: float):
-    """Cap the sleep of Flower's SuperNode loop after a request that found no message at ``cap`` s
-    (its other waits, on the SuperNode's own state, are left as they are). The patched module."""
+def cap_supernode_poll(cap: float, reply_check: float = REPLY_CHECK_S):
+    """Cap the sleep of Flower's SuperNode loop after a request that found no message at ``cap`` s,
+    and its waits for the ClientApp's reply at ``reply_check`` s. The patched module."""
     from flwr.supernode import start_client_internal as loop
 
     clock = loop.time
-    loop.time = CappedSleep(cap, POLL_LOOP, clock._clock if isinstance(clock, CappedSleep) else clock)
+    caps = {POLL_LOOP: cap, **dict.fromkeys(REPLY_WAITS, reply_check)}
+    loop.time = CappedSleep(caps, clock._clock if isinstance(clock, CappedSleep) else clock)
     return loop
 
 

@@ -60,33 +60,42 @@ class FakeClock:
         return 42.0
 
 
-def test_capped_sleep_shortens_only_the_loops_longer_sleeps():
+def test_capped_sleep_shortens_only_the_named_callers_longer_sleeps():
     # Prepare
     clock = FakeClock()
-    capped = node.CappedSleep(0.5, "start_client_internal", clock)
+    capped = node.CappedSleep({"start_client_internal": 0.5, "_push_messages": 0.05}, clock)
 
     def start_client_internal():  # named as the SuperNode's loop
         capped.sleep(3)
         capped.sleep(0.2)
 
+    def _push_messages():  # named as its wait for the ClientApp's reply
+        capped.sleep(0.5)
+
     # Execute
     start_client_internal()
-    capped.sleep(3)  # from elsewhere (e.g. the wait for the ClientApp's reply): unchanged
+    _push_messages()
+    capped.sleep(3)  # from elsewhere: unchanged
 
-    # Assert: 3 s -> 0.5 s, 0.2 s unchanged; the rest is the clock's
-    assert clock.slept == [0.5, 0.2, 3]
+    # Assert: 3 s -> 0.5 s, 0.2 s unchanged, 0.5 s -> 0.05 s; the rest is the clock's
+    assert clock.slept == [0.5, 0.2, 0.05, 3]
     assert capped.monotonic() == 42.0
-    with pytest.raises(ValueError, match="must be > 0"):
-        node.CappedSleep(0)
+    with pytest.raises(ValueError, match="start_client_internal: wait 0: must be > 0"):
+        node.CappedSleep({"start_client_internal": 0})
 
 
 def test_supernode_loop_sleeps_through_the_patched_name():
-    # Prepare: Flower 1.42's loop sleeps 3 s through its module's `time` when no message came
+    # Prepare: Flower 1.42's loop sleeps 3 s through its module's `time` when no message came, and
+    # 0.5 s at a time while it waits for the ClientApp's reply and then for the reply's objects
     from flwr.supernode import start_client_internal as loop
 
     assert "import time\n" in inspect.getsource(loop), "Flower's SuperNode module changed"
     assert "time.sleep(3)" in inspect.getsource(getattr(loop, node.POLL_LOOP)), (
         "Flower's SuperNode loop changed"
+    )
+    push = inspect.getsource(getattr(loop, node.REPLY_WAITS[0]))
+    assert push.count("time.sleep(0.5)") == 2 and f"def {node.REPLY_WAITS[1]}(" in push, (
+        "Flower's SuperNode reply wait changed"
     )
     original = loop.time
 
@@ -99,8 +108,8 @@ def test_supernode_loop_sleeps_through_the_patched_name():
         loop.time = original
 
     # Assert
-    assert patched is loop and isinstance(clock, node.CappedSleep) and clock.cap == 0.5
-    assert clock.caller == "start_client_internal"
+    assert patched is loop and isinstance(clock, node.CappedSleep)
+    assert clock.caps == {"start_client_internal": 0.5, "_push_messages": 0.05, "yield_object_contents": 0.05}
     assert clock._clock is original and clock.time is original.time
 
 
@@ -311,3 +320,71 @@ def test_poll_interval_must_be_positive_seconds():
     for bad in ("0", "-1"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"{bad}: must be > 0 s"):
             node.poll_seconds(bad)
+
+
+def fab_bytes(pyproject: str | None) -> bytes:
+    """A FAB as Flower sends it: a zip with the app's pyproject.toml (None: without one)."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as fab:
+        fab.writestr("clients/app.py", "app = None\n")
+        if pyproject is not None:
+            fab.writestr("pyproject.toml", pyproject)
+    return buffer.getvalue()
+
+
+APP_TOML = '[project]\nname = "fedsamatch"\nversion = "0.1.0"\n[tool.flwr.app]\npublisher = "lab"\n'
+
+
+def test_an_installed_fab_is_found_without_unpacking_it(tmp_path):
+    # Prepare: Flower's folder naming (publisher.name.version.hash[:8]) and an install that records calls
+    import hashlib
+
+    def project_dir(fab_id, version, fab_hash):
+        return tmp_path / "apps" / f"{fab_id.replace('/', '.')}.{version}.{fab_hash[:8]}"
+
+    calls = []
+
+    def install(fab_file, install_dir=None, skip_prompt=False):
+        calls.append((install_dir, skip_prompt))
+        return Path("installed-by-flower")
+
+    fab = fab_bytes(APP_TOML)
+    folder = tmp_path / "apps" / f"lab.fedsamatch.0.1.0.{hashlib.sha256(fab).hexdigest()[:8]}"
+    wrapped = warm.install_fab_once(install, project_dir)
+
+    # Execute / Assert: not installed yet -> Flower's install; installed -> its folder, no install
+    assert wrapped(fab, skip_prompt=True) == Path("installed-by-flower") and calls == [(None, True)]
+    folder.mkdir(parents=True)
+    assert wrapped(fab, skip_prompt=True) == folder and len(calls) == 1
+    # Flower's own path for anything else: a prompt wanted, another folder, no pyproject, not a zip
+    for args, kwargs in (
+        ((fab,), {}),
+        ((fab, tmp_path), {"skip_prompt": True}),
+        ((fab_bytes(None),), {"skip_prompt": True}),
+        ((fab_bytes('[project]\nname = "x"\n'),), {"skip_prompt": True}),
+        ((b"not a zip",), {"skip_prompt": True}),
+    ):
+        assert wrapped(*args, **kwargs) == Path("installed-by-flower")
+    assert len(calls) == 6
+
+
+def test_the_shortcut_finds_the_folder_flower_installs(tmp_path, monkeypatch):
+    # Prepare: this project's FAB, installed by Flower into a private FLWR_HOME
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supernode.runtime import run_clientapp as flower
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    fab = build_fab_from_disk(REPO)
+    installed = flower.install_from_fab(fab, skip_prompt=True)
+
+    # Execute: the ClientApp's next message, through the warm server's shortcut
+    def install(*args, **kwargs):
+        raise AssertionError("installed again")
+
+    found = warm.install_fab_once(install, flower.get_project_dir)(fab, skip_prompt=True)
+
+    # Assert
+    assert found == installed and (found / "pyproject.toml").is_file()

@@ -1,5 +1,6 @@
 """federation.pull_retry: Flower's object pulls retry a missing object after 0.05 s instead of 1 s, in
-the ServerApp's grid, the SuperNode's loop and the warm server's ClientApps."""
+the ServerApp's grid, the SuperNode's loop and the warm server's ClientApps (with the rest of the warm
+server's set-up of Flower's ClientApp module)."""
 
 from __future__ import annotations
 
@@ -92,17 +93,24 @@ def test_the_server_and_the_supernode_pull_through_the_names_shortened(monkeypat
         assert module.pull_objects.keywords == {"initial_backoff": 0.05}
 
 
-def test_the_warm_server_shortens_its_clientapps_retry_and_keeps_no_project_module():
+def test_the_warm_server_sets_up_flowers_clientapp_and_keeps_no_project_module():
     # In a fresh process (the warm server forgets this project's modules, which a test process needs)
     code = (
-        "import json, sys; from deploy import warm; warm._entry(warm.ENTRY); warm.shorten_pull_retry(); "
-        "pull = sys.modules[warm.PULL_MODULE].pull_and_inflate_object_from_tree; "
+        "import json, sys; from deploy import warm; warm._entry(warm.ENTRY); warm.patch_clientapp(); "
+        "app = sys.modules[warm.CLIENTAPP_MODULE]; pull = app.pull_and_inflate_object_from_tree; "
         "left = [m for m in sys.modules if m.partition('.')[0] in warm.PROJECT_PACKAGES]; "
-        "print(json.dumps({'keywords': pull.keywords, 'left': left}))"
+        "print(json.dumps({'keywords': pull.keywords, 'left': left, "
+        "'fab_check': app.install_from_fab.__wrapped__.__module__}))"
     )
     env = {"PATH": "/usr/bin:/bin", pull_retry.ENV: "0.02"}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.splitlines()[-1]) == {"keywords": {"initial_backoff": 0.02}, "left": []}
+    # the object retry shortened, Flower's FAB install wrapped (tests/test_deploy_node.py), no module
+    # of this project's left for a child to inherit
+    assert json.loads(out.stdout.splitlines()[-1]) == {
+        "keywords": {"initial_backoff": 0.02},
+        "left": [],
+        "fab_check": "flwr.cli.install",
+    }
