@@ -126,35 +126,34 @@ def stop_leftovers(marker: str) -> list[int]:
     return leftovers
 
 
+TRAIN_SECONDS = "train-seconds"
+
+
 def site_seconds(row: dict, phase: str, key: str) -> dict[str, float] | None:
     """A round's ``key`` seconds in ``phase`` ("train" / "evaluate") per accepted site, by node id
-    (the server's ``<phase>-sites`` metrics); {"mean": the sites' mean} from a results.json without
-    them or a reply without the key; None when the round has no such seconds."""
+    (the server's ``<phase>-sites`` metrics); None when it has none for some site (a results.json
+    from before 2026-11-28, or a reply without the key)."""
     sites = row.get(f"{phase}-sites", {}).get("metrics")
     if sites and all(key in m for m in sites.values()):
         return {node: float(m[key]) for node, m in sites.items()}
-    if key in row.get(phase, {}):
-        return {"mean": float(row[phase][key])}
     return None
 
 
-def mean_path(parts: list[dict[str, float] | None], waves: int) -> list[float]:
-    """``waves`` x each part's mean over the sites (0 for a part without seconds)."""
-    return [waves * statistics.fmean(p.values()) if p else 0.0 for p in parts]
+def mean_seconds(row: dict, phase: str, key: str) -> float | None:
+    """The server's mean of the sites' ``key`` seconds in ``phase`` (FedAvg's, weighted by
+    ``num-examples``); None when the round has none."""
+    value = row.get(phase, {}).get(key)
+    return None if value is None else float(value)
 
 
-def slowest(parts: list[dict[str, float] | None], waves: int) -> list[float]:
-    """The parts of one phase's critical path: the site whose parts sum to the most (a phase waits
-    for its slowest site), each part of that site (0 where it has none). With ``waves`` > 1 (sites
-    taking turns) or without per-site seconds: :func:`mean_path`."""
-    given = [p for p in parts if p]
-    if waves > 1 or any("mean" in p for p in given):
-        return mean_path(parts, waves)
-    nodes = sorted(set().union(*given))
+def slowest(parts: list[dict[str, float]]) -> list[float]:
+    """The parts of one phase's critical path: those of the site whose parts sum to the most (a phase
+    waits for its last reply); 0 for a part that site lacks (e.g. its training was rejected)."""
+    nodes = sorted(set().union(*parts))
     if not nodes:
         return [0.0] * len(parts)
-    worst = max(nodes, key=lambda n: sum((p or {}).get(n, 0.0) for p in parts))
-    return [(p or {}).get(worst, 0.0) for p in parts]
+    worst = max(nodes, key=lambda n: sum(p.get(n, 0.0) for p in parts))
+    return [p.get(worst, 0.0) for p in parts]
 
 
 def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seconds") -> list[dict]:
@@ -164,8 +163,9 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
     ``evaluate-seconds`` (evaluate None when a round evaluated but the replies carry no seconds);
     overhead = the rest. Under evaluate-then-train a round's training runs in the previous round's
     evaluation phase, in the same message as that evaluation: that phase counts the site whose
-    evaluation and training together took longest. ``overhead_mean_s`` is the overhead with the
-    sites' means instead of the slowest site (this benchmark's measure until 2026-11-28)."""
+    evaluation and training together took longest. With ``waves`` > 1 (sites taking turns) or
+    without per-site seconds, waves x the server's means instead; ``overhead_mean_s`` is always that
+    (this benchmark's measure until 2026-11-28)."""
     rows, previous = [], 0.0
     listed = results.get("rounds", [])
     ridden = {  # rounds whose train instructions went out with the previous round's evaluation
@@ -176,13 +176,22 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
         wall = row["seconds"] - previous
         previous = row["seconds"]
         r = row["round"]
-        own = site_seconds(row, "train", "train-seconds") if r not in ridden else None
-        evaluated = site_seconds(row, "evaluate", evaluate_key)
-        carried = site_seconds(by_round[r + 1], "train", "train-seconds") if r + 1 in ridden else None
-        (own_train,) = slowest([own], waves)
-        evaluate, carried_train = slowest([evaluated, carried], waves)
+        # the round's own train phase; its evaluate phase; the next round's training sent with it
+        phases = [
+            (row, "train", TRAIN_SECONDS) if r not in ridden else None,
+            (row, "evaluate", evaluate_key),
+            (by_round[r + 1], "train", TRAIN_SECONDS) if r + 1 in ridden else None,
+        ]
+        means = [None if p is None else mean_seconds(*p) for p in phases]
+        mean_path = [waves * (m or 0.0) for m in means]
+        sites = [{} if m is None else site_seconds(*p) for p, m in zip(phases, means, strict=True)]
+        if waves == 1 and all(s is not None for s in sites):
+            (own_train,) = slowest(sites[:1])
+            evaluate, carried_train = slowest(sites[1:])
+        else:
+            own_train, evaluate, carried_train = mean_path
         train = own_train + carried_train
-        if evaluated is None:  # None: evaluated without seconds; 0: not evaluated
+        if means[1] is None:  # None: evaluated without seconds; 0: not evaluated
             evaluate = None if "evaluate" in row else 0.0
         rows.append(
             {
@@ -195,7 +204,7 @@ def results_rounds(results: dict, waves: int, evaluate_key: str = "evaluate-seco
                 "train_s": train,
                 "evaluate_s": evaluate,
                 "overhead_s": wall - train - (evaluate or 0.0),
-                "overhead_mean_s": wall - sum(mean_path([own, evaluated, carried], waves)),
+                "overhead_mean_s": wall - sum(mean_path),
                 "breakdown": None,
                 "bytes_source": "computed",
             }
@@ -261,6 +270,7 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         threads=1,
         warm=case.warm,
         poll_interval=case.poll_s,
+        reply_check=case.reply_s,
     )
     # The rehearsal's own data (phantom patients as NIfTI files) and settings, then ours.
     overrides = scale.run_config(case)

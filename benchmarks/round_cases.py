@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deploy.node import REPLY_CHECK_S
 from federation.pull_retry import DEFAULT_S as PULL_RETRY_S
 
 ENGINES = ("inprocess", "flwr-run", "deploy")
@@ -32,15 +33,17 @@ class Case:
     warm: bool = True
     poll_s: float = 0.5
     # deploy only: the first retry of a message's object that has not arrived yet
-    # (federation/pull_retry.py; 1.0 is Flower's own)
+    # (federation/pull_retry.py; 1.0 is Flower's own) and `deploy supernode --reply-check` (0.5: Flower's)
     pull_retry_s: float = PULL_RETRY_S
+    reply_s: float = REPLY_CHECK_S
 
     @property
     def supernode(self) -> str:
         if self.engine != "deploy":
             return ""
         retry = "" if self.pull_retry_s == PULL_RETRY_S else f", object retry {self.pull_retry_s:g} s"
-        return f"{'warm' if self.warm else 'fresh'}, poll {self.poll_s:g} s{retry}"
+        reply = "" if self.reply_s == REPLY_CHECK_S else f", reply check {self.reply_s:g} s"
+        return f"{'warm' if self.warm else 'fresh'}, poll {self.poll_s:g} s{reply}{retry}"
 
     @property
     def name(self) -> str:
@@ -72,6 +75,7 @@ FULL_CASES = (
         warm=False,
         poll_s=3.0,
         pull_retry_s=1.0,
+        reply_s=0.5,
     ),
     # a SAM-Match site: every message's process also builds SAM (its embeddings cached on disk); then
     # with Flower's 1 s first retry of an object still on its way

@@ -180,7 +180,7 @@ def do_supernode(args: argparse.Namespace) -> int:
         args.runtime_port,
         args.insecure_plaintext,
     )
-    argv = cmd.node_argv(argv, args.poll_interval, args.warm)
+    argv = cmd.node_argv(argv, args.poll_interval, args.warm, args.reply_check)
     # The SuperNode's environment is its ClientApps': each message's process runs on this allocator.
     env = allocator.launch_env(args.allocator, _env(args, args.threads))
     print(f"deploy supernode: ClientApps run on {allocator.resolve(args.allocator, env)}", flush=True)

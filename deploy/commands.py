@@ -22,6 +22,7 @@ except ModuleNotFoundError:  # 3.10: the same parser, installed with flwr
 
 import tomli_w
 
+from deploy.node import REPLY_CHECK_S
 from deploy.pki import PkiLayout, check_site_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,10 +167,14 @@ def supernode_argv(
     return argv + ["--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(node_key)]
 
 
-def node_argv(flower_argv: list[str], poll_interval: float, warm: bool = True) -> list[str]:
+def node_argv(
+    flower_argv: list[str], poll_interval: float, warm: bool = True, reply_check: float = REPLY_CHECK_S
+) -> list[str]:
     """``flower_argv`` (a :func:`supernode_argv`) run through :mod:`deploy.node`: the SuperNode's idle
-    poll capped at ``poll_interval`` s and, with ``warm``, ClientApps forked from a warm process."""
+    poll capped at ``poll_interval`` s, its looks for a ClientApp's reply at ``reply_check`` s and,
+    with ``warm``, ClientApps forked from a warm process."""
     wrapper = [sys.executable, "-m", "deploy.node", "--poll-interval", f"{poll_interval:g}"]
+    wrapper += ["--reply-check", f"{reply_check:g}"]
     return [*wrapper, "--warm" if warm else "--no-warm", "--", *flower_argv[1:]]
 
 

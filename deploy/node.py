@@ -1,4 +1,4 @@
-"""``python -m deploy.node [--poll-interval S] [--no-warm] -- <flower-supernode arguments>``: Flower
+"""``python -m deploy.node [--poll-interval S] [--reply-check S] [--no-warm] -- <flower args>``: Flower
 1.42's SuperNode with the per-message costs of its runtime cut (what ``deploy supernode`` runs).
 
 * **Idle poll.** The SuperNode asks the SuperLink for a message, and when there is none it sleeps a
@@ -7,7 +7,8 @@
   that sleep by replacing the module's ``time`` with :class:`CappedSleep`. Each idle site then asks
   the SuperLink 1 / ``poll-interval`` times a second instead of once every 3 s.
 * **Reply checks.** While the ClientApp runs, the SuperNode looks for its reply every 0.5 s, then
-  for the reply's objects; 0.05 s here (it reads its own state, not the network).
+  for the reply's objects; ``--reply-check`` (0.05 s) caps those waits (it reads its own state, not
+  the network).
 * **A fresh process per message.** ``--warm`` (the default) starts :mod:`deploy.warm`'s server
   beside the SuperNode and puts its ``flwr-clientapp`` launcher first on PATH, so each message's
   ClientApp is forked from a process that has already imported torch and flwr.
@@ -134,12 +135,19 @@ def poll_seconds(text: str) -> float:
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
-    """``--poll-interval`` and ``--warm`` / ``--no-warm``: here and on ``deploy supernode``."""
+    """``--poll-interval``, ``--reply-check`` and ``--warm`` / ``--no-warm``: here and on
+    ``deploy supernode``."""
     p.add_argument(
         "--poll-interval",
         type=poll_seconds,
         default=DEFAULT_POLL_S,
         help=f"longest wait (s) before asking again for a message (Flower: a fixed 3; {DEFAULT_POLL_S:g})",
+    )
+    p.add_argument(
+        "--reply-check",
+        type=poll_seconds,
+        default=REPLY_CHECK_S,
+        help=f"longest wait (s) between looks for a ClientApp's reply (Flower: 0.5; {REPLY_CHECK_S:g})",
     )
     p.add_argument(
         "--warm",
@@ -155,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = p.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    loop = cap_supernode_poll(args.poll_interval)
-    pull_retry.shorten(loop, "pull_objects")  # its message's objects, while the server still sends them
+    loop = cap_supernode_poll(args.poll_interval, args.reply_check)
+    try:  # its message's objects, while the server still sends them
+        pull_retry.shorten(loop, "pull_objects")
+    except ValueError as exc:  # a bad $FEDSAMATCH_PULL_RETRY_S
+        p.error(str(exc))
     if args.warm and (why := warm.unavailable()):
         print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)
     elif args.warm:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.commands import REPO, flower_env, run_config_arg
-from deploy.node import DEFAULT_POLL_S
+from deploy.node import DEFAULT_POLL_S, REPLY_CHECK_S
 from deploy.pki import PkiLayout
 from deploy.procs import Managed, ProcessSet
 
@@ -53,6 +53,7 @@ class RehearsalConfig:
     restart_delay: float = 3.0  # SuperNodes run under `deploy supernode --restart-delay`
     warm: bool = True  # `deploy supernode --warm`: ClientApps forked from a warm process
     poll_interval: float = DEFAULT_POLL_S  # `deploy supernode --poll-interval`
+    reply_check: float = REPLY_CHECK_S  # `deploy supernode --reply-check`
     aggregation: str = "mean"
     # The deployment's plumbing, not the method, is rehearsed: UniMatch, whatever the app's default
     # (SAM-Match costs seconds per step and per encoded slice in every fresh ClientApp process here).
@@ -252,6 +253,8 @@ class Rehearsal:
         args = [] if self.cfg.warm else ["--no-warm"]
         if self.cfg.poll_interval != DEFAULT_POLL_S:
             args += ["--poll-interval", f"{self.cfg.poll_interval:g}"]
+        if self.cfg.reply_check != REPLY_CHECK_S:
+            args += ["--reply-check", f"{self.cfg.reply_check:g}"]
         return args
 
     def start_site(self, site: str, data_root: Path | None = None) -> Managed:

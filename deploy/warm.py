@@ -216,7 +216,7 @@ def install_fab_once(install, project_dir):
                     config = tomllib.loads(fab.read("pyproject.toml").decode())
                 fab_id, version = get_metadata_from_config(config)
                 folder = project_dir(fab_id, version, hashlib.sha256(fab_file).hexdigest())
-            except (KeyError, ValueError, zipfile.BadZipFile, tomllib.TOMLDecodeError):
+            except Exception:  # noqa: BLE001  (a FAB not read so goes to Flower's install, which reports it)
                 folder = None
             if folder is not None and folder.is_dir():
                 return folder
@@ -301,7 +301,8 @@ def _run_child(request: dict, fds: list[int], entry: str) -> None:
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        atexit._run_exitfuncs()  # what a fresh interpreter runs at exit
+        finally:  # what a fresh interpreter runs at exit, after an error too
+            atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001  (report anything, then exit: a child never returns)
         traceback.print_exc()
     finally:

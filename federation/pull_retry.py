@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 from types import ModuleType
 
 ENV = "FEDSAMATCH_PULL_RETRY_S"
 DEFAULT_S = 0.05
+MAX_S = 10.0  # Flower's cap on the wait between two tries
 KEYWORD = "initial_backoff"  # of flwr's pull_objects and pull_and_inflate_object_from_tree
 
 
@@ -39,9 +41,11 @@ def first_retry_s() -> float:
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"${ENV}={text!r}: must be a number of seconds > 0 (Flower's own is 1)")
+        value = math.nan
+    if not 0 < value <= MAX_S:
+        raise ValueError(
+            f"${ENV}={text!r}: must be a number of seconds in (0, {MAX_S:g}] (Flower's own is 1)"
+        )
     return value
 
 

@@ -235,11 +235,12 @@ def with_sites(row: dict, train: dict | None = None, evaluate: dict | None = Non
 def test_results_rounds_wait_for_the_slowest_site():
     # Prepare: two sites, evaluate-then-train. Round 1: its own training (site 1: 2.0 s, site 2:
     # 3.0 s), then one message per site evaluating round 1 (0.5 / 0.1 s) and training round 2
-    # (2.0 / 2.2 s). Round 2: its evaluation alone (0.2 / 0.4 s). The means are the server's.
+    # (2.0 / 2.2 s). Round 2: its evaluation alone (0.2 / 0.4 s). The means are the server's: round 1's
+    # training weighted by the sites' examples (2.6, not 2.5), the others plain.
     ridden = {"with-arrays": 2, "kept-global": 0, "resent": 0, "with-evaluation-of-round": 1}
     results = {
         "rounds": [
-            with_sites(round_row(1, 10.0, 2.5, evaluate=0.3), {"1": 2.0, "2": 3.0}, {"1": 0.5, "2": 0.1}),
+            with_sites(round_row(1, 10.0, 2.6, evaluate=0.3), {"1": 2.0, "2": 3.0}, {"1": 0.5, "2": 0.1}),
             with_sites(round_row(2, 13.0, 2.1, 0.3, ridden), {"1": 2.0, "2": 2.2}, {"1": 0.2, "2": 0.4}),
         ]
     }
@@ -251,11 +252,15 @@ def test_results_rounds_wait_for_the_slowest_site():
     # against site 2's 0.1 + 2.2 = 2.3 s): train 5.0, evaluate 0.5, overhead 10 - 5.5. Not the
     # slowest part of each (3.0 + 2.2 + 0.5 = 5.7). Round 2: site 2's evaluation, 3 - 0.4.
     assert seconds == [(10.0, 5.0, 0.5, pytest.approx(4.5)), (3.0, 0.0, 0.4, pytest.approx(2.6))]
-    # The sites' means instead: 10 - (2.5 + 0.3 + 2.1) and 3 - 0.3
-    assert [r["overhead_mean_s"] for r in rows] == [pytest.approx(5.1), pytest.approx(2.7)]
-    # Sites taking turns (2 waves): twice the means, as without per-site seconds
+    # The server's means instead: 10 - (2.6 + 0.3 + 2.1) and 3 - 0.3
+    assert [r["overhead_mean_s"] for r in rows] == [pytest.approx(5.0), pytest.approx(2.7)]
+    # Sites taking turns (2 waves): twice the server's means, as without per-site seconds
     _, turns = computed_rows(results, waves=2)
-    assert turns[0] == (10.0, pytest.approx(2 * 4.6), pytest.approx(0.6), pytest.approx(10.0 - 9.8))
+    assert turns[0] == (10.0, pytest.approx(2 * 4.7), pytest.approx(0.6), pytest.approx(0.0))
+    # A site whose seconds are missing (a reply without the key): the means for the whole round
+    del results["rounds"][0]["evaluate-sites"]["metrics"]["2"]["evaluate-seconds"]
+    _, means = computed_rows(results, waves=1)
+    assert means[0] == (10.0, pytest.approx(4.7), pytest.approx(0.3), pytest.approx(5.0))
 
 
 def test_select_cases_by_engine_and_method():
@@ -272,7 +277,8 @@ def test_select_cases_by_engine_and_method():
     chosen = bench.select_cases(["deploy"], quick=False, methods=["unimatch"], only="then-train")
     assert [c.name for c in chosen] == [
         "deploy unimatch fp32 packed evaluate-then-train (warm, poll 0.5 s)",
-        "deploy unimatch fp32 packed evaluate-then-train (fresh, poll 3 s, object retry 1 s)",
+        "deploy unimatch fp32 packed evaluate-then-train "
+        "(fresh, poll 3 s, reply check 0.5 s, object retry 1 s)",
     ]
 
 

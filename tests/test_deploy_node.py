@@ -8,6 +8,7 @@ through the launcher file it would get on a SuperNode's PATH.
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import inspect
 import json
@@ -25,6 +26,7 @@ import tomllib
 
 from deploy import commands as cmd
 from deploy import node, warm
+from federation import pull_retry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,8 @@ PROBE = textwrap.dedent(
 
     def main():
         atexit.register(lambda: print("probe: atexit handler ran", file=sys.stderr, flush=True))
+        if sys.argv[1:] == ["raise"]:
+            raise RuntimeError("probe failed")
         if sys.argv[1:] == ["sleep"]:
             print("ready", flush=True)
             time.sleep(60)
@@ -116,13 +120,53 @@ def test_supernode_loop_sleeps_through_the_patched_name():
 def test_node_argv_wraps_the_flower_command():
     # Execute
     flower = ["/venv/bin/flower-supernode", "--superlink", "h:9093", "--insecure"]
-    argv = cmd.node_argv(flower, 0.25, warm=False)
+    argv = cmd.node_argv(flower, 0.25, warm=False, reply_check=0.5)
 
     # Assert
-    assert (
-        argv
-        == [sys.executable, "-m", "deploy.node", "--poll-interval", "0.25", "--no-warm", "--"] + flower[1:]
-    )
+    wrapper = [sys.executable, "-m", "deploy.node", "--poll-interval", "0.25", "--reply-check", "0.5"]
+    assert argv == [*wrapper, "--no-warm", "--", *flower[1:]]
+
+
+@pytest.fixture
+def supernode_loop(monkeypatch):
+    """Flower's SuperNode module, restored afterwards, and its entry point replaced by a recorder of
+    the arguments it would have started with."""
+    from flwr.supernode import start_client_internal as loop
+
+    cli = importlib.import_module("flwr.supernode.cli.flower_supernode")  # the package shadows the name
+
+    started = []
+    for name in ("time", "pull_objects"):
+        monkeypatch.setattr(loop, name, getattr(loop, name))
+    monkeypatch.setattr(cli, "flower_supernode", lambda: started.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.delenv(pull_retry.ENV, raising=False)
+    return loop, started
+
+
+def test_node_main_caps_the_waits_and_shortens_the_object_retry(supernode_loop):
+    loop, started = supernode_loop
+
+    # Execute: what `deploy supernode --no-warm --poll-interval 0.25 --reply-check 0.1` runs
+    code = node.main(["--poll-interval", "0.25", "--reply-check", "0.1", "--no-warm", "--", "--insecure"])
+
+    # Assert: Flower's SuperNode started with its own arguments, its waits capped, its retry 0.05 s
+    assert code == 0 and started == [["flower-supernode", "--insecure"]]
+    assert loop.time.caps == {
+        "start_client_internal": 0.25,
+        "_push_messages": 0.1,
+        "yield_object_contents": 0.1,
+    }
+    assert loop.pull_objects.keywords == {"initial_backoff": 0.05}
+
+
+def test_node_main_refuses_a_bad_retry_setting_in_one_line(supernode_loop, monkeypatch, capsys):
+    _, started = supernode_loop
+    monkeypatch.setenv(pull_retry.ENV, "soon")
+    with pytest.raises(SystemExit) as exit_info:
+        node.main(["--no-warm", "--", "--insecure"])
+    assert exit_info.value.code == 2 and not started
+    assert "$FEDSAMATCH_PULL_RETRY_S='soon': must be a number of seconds" in capsys.readouterr().err
 
 
 def test_warm_up_drops_the_project_packages_it_imported(tmp_path, monkeypatch):
@@ -207,6 +251,14 @@ def test_each_launch_runs_in_a_fork_of_the_warm_server(server, tmp_path):
         # the entry's exit handlers run, as in a fresh process, and the child exits cleanly
         assert "probe: atexit handler ran" in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert (tmp_path / "imports.txt").read_text() == "x"
+
+
+def test_a_child_that_fails_runs_its_exit_handlers_and_exits_1(server):
+    _, launcher, sock = server
+    env = {**os.environ, warm.SOCKET_ENV: str(sock)}
+    run = subprocess.run([str(launcher), "raise"], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "RuntimeError: probe failed" in run.stderr and "probe: atexit handler ran" in run.stderr
 
 
 def test_a_signal_to_the_launcher_reaches_the_child(server):

@@ -93,6 +93,17 @@ def test_one_message_per_round_with_the_same_metrics_and_weights(tmp_path, every
 
     for key in ("evaluate", "train"):
         assert metrics(False, key) == metrics(True, key)
+
+    def site_metrics(on: bool, key: str) -> list[dict]:  # each site's own metrics, by node id
+        sites = [r[key]["metrics"] for r in rounds[on] if key in r]
+        return [
+            {n: {k: v for k, v in m.items() if not k.endswith("seconds")} for n, m in s.items()}
+            for s in sites
+        ]
+
+    for key in ("evaluate-sites", "train-sites"):
+        assert site_metrics(False, key) == site_metrics(True, key)
+        assert all(sorted(s) == ["100", "101"] for s in site_metrics(True, key))
     assert [("evaluate" in r) for r in rounds[True]] == ([True] * 3 if every == 1 else [False, True, True])
     assert rounds[True][1]["evaluate"]["dice_mean"] > 0  # a joint message's evaluation, not a trivial 0
     last = {on: torch.load(tmp_path / f"on{on}" / "last.pt", weights_only=False)["method"] for on in results}
@@ -108,6 +119,7 @@ def test_a_site_failing_the_joint_message_fails_that_evaluation_and_the_next_tra
     # Assert: round 1's evaluation has node 101's Dice only, round 2 aggregated node 101's update only,
     # and round 3 went on with both sites
     assert rounds[0]["evaluate-sites"]["accepted"] == [101]
+    assert list(rounds[0]["evaluate-sites"]["metrics"]) == ["101"]
     assert list(rounds[0]["evaluate-sites"]["failed"]) == ["100"]
     assert rounds[1]["train-sites"]["accepted"] == [101]
     assert rounds[1]["train-sites"]["failed"] == {"100": "injected failure"}

@@ -57,7 +57,8 @@ def test_a_missing_object_is_asked_for_again_after_the_short_wait(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, expected",
-    [(None, 0.05), ("", 0.05), (" 0.2 ", 0.2), ("1", 1.0), ("0", None), ("-1", None), ("x", None)],
+    [(None, 0.05), ("", 0.05), (" 0.2 ", 0.2), ("1", 1.0), ("10", 10.0)]
+    + [(bad, None) for bad in ("0", "-1", "x", "inf", "nan", "11")],
 )
 def test_the_first_retry_comes_from_the_environment(monkeypatch, value, expected):
     if value is None:
@@ -66,7 +67,8 @@ def test_the_first_retry_comes_from_the_environment(monkeypatch, value, expected
         monkeypatch.setenv(pull_retry.ENV, value)
     if expected is None:
         with pytest.raises(
-            ValueError, match=rf"\$FEDSAMATCH_PULL_RETRY_S={value!r}: must be a number of seconds > 0"
+            ValueError,
+            match=rf"\$FEDSAMATCH_PULL_RETRY_S={value!r}: must be a number of seconds in \(0, 10\]",
         ):
             pull_retry.first_retry_s()
     else:
@@ -80,17 +82,29 @@ def test_a_function_without_the_keyword_is_refused():
         pull_retry.shorten(module, "pull")
 
 
-def test_the_server_and_the_supernode_pull_through_the_names_shortened(monkeypatch):
-    # The ServerApp's grid and the SuperNode's loop call pull_objects by the name their module
-    # imported: shortening that name reaches their calls (monkeypatch restores Flower's afterwards)
+def test_the_server_app_shortens_its_grids_object_retry(tmp_path, monkeypatch):
+    # Prepare: Flower's grid module as it is now (restored afterwards), the default retry
+    from conftest import TINY_FEDERATION, phantom_nodes
     from flwr.superlink.grid import http_grid
-    from flwr.supernode import start_client_internal
 
-    for module in (http_grid, start_client_internal):
-        monkeypatch.setattr(module, "pull_objects", module.pull_objects)
-        assert "pull_objects(" in Path(module.__file__).read_text(), module.__name__
-        pull_retry.shorten(module, "pull_objects")
-        assert module.pull_objects.keywords == {"initial_backoff": 0.05}
+    from clients.client_app import app as client_app
+    from federation.inprocess import run_inprocess
+    from federation.local import clear_sessions
+    from server.server_app import app as server_app
+
+    monkeypatch.setattr(http_grid, "pull_objects", pull_objects)
+    monkeypatch.delenv(pull_retry.ENV, raising=False)
+    assert "pull_objects(" in Path(http_grid.__file__).read_text()  # the name its grid calls
+
+    # Execute: one round of the real ServerApp (the SuperNode's side: tests/test_deploy_node.py)
+    clear_sessions()
+    one_site = {"min-available-nodes": 1, "min-train-nodes": 1, "min-evaluate-nodes": 1}
+    run_config = {**TINY_FEDERATION, **one_site, "num-server-rounds": 1, "out-dir": str(tmp_path / "run")}
+    run_inprocess(server_app, client_app, run_config, phantom_nodes(1))
+
+    # Assert
+    assert http_grid.pull_objects.func is pull_objects
+    assert http_grid.pull_objects.keywords == {"initial_backoff": 0.05}
 
 
 def test_the_warm_server_sets_up_flowers_clientapp_and_keeps_no_project_module():
