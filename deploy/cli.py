@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from deploy import commands as cmd
-from deploy.node import add_runtime_arguments
+from deploy.node import RuntimeSettings, add_runtime_arguments
 from deploy.pki import PkiLayout, create_ca, create_site_key, issue_server_cert, server_cert_hosts
 from samatch import allocator
 
@@ -180,7 +180,7 @@ def do_supernode(args: argparse.Namespace) -> int:
         args.runtime_port,
         args.insecure_plaintext,
     )
-    argv = cmd.node_argv(argv, args.poll_interval, args.warm, args.reply_check)
+    argv = cmd.node_argv(argv, RuntimeSettings.from_args(args))
     # The SuperNode's environment is its ClientApps': each message's process runs on this allocator.
     env = allocator.launch_env(args.allocator, _env(args, args.threads))
     print(f"deploy supernode: ClientApps run on {allocator.resolve(args.allocator, env)}", flush=True)

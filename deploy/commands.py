@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # 3.10: the same parser, installed with flwr
 
 import tomli_w
 
-from deploy.node import REPLY_CHECK_S
+from deploy.node import RuntimeSettings
 from deploy.pki import PkiLayout, check_site_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,15 +167,10 @@ def supernode_argv(
     return argv + ["--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(node_key)]
 
 
-def node_argv(
-    flower_argv: list[str], poll_interval: float, warm: bool = True, reply_check: float = REPLY_CHECK_S
-) -> list[str]:
-    """``flower_argv`` (a :func:`supernode_argv`) run through :mod:`deploy.node`: the SuperNode's idle
-    poll capped at ``poll_interval`` s, its looks for a ClientApp's reply at ``reply_check`` s and,
-    with ``warm``, ClientApps forked from a warm process."""
-    wrapper = [sys.executable, "-m", "deploy.node", "--poll-interval", f"{poll_interval:g}"]
-    wrapper += ["--reply-check", f"{reply_check:g}"]
-    return [*wrapper, "--warm" if warm else "--no-warm", "--", *flower_argv[1:]]
+def node_argv(flower_argv: list[str], runtime: RuntimeSettings) -> list[str]:
+    """``flower_argv`` (a :func:`supernode_argv`) run through :mod:`deploy.node` with ``runtime``'s
+    idle poll, reply checks and warm ClientApps."""
+    return [sys.executable, "-m", "deploy.node", *runtime.argv(), "--", *flower_argv[1:]]
 
 
 def write_connection(

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from deploy import warm
@@ -134,6 +135,35 @@ def poll_seconds(text: str) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """How a SuperNode runs here (this module's options, and ``deploy supernode``'s of the same names):
+    its idle poll, its looks for a ClientApp's reply, and warm ClientApps."""
+
+    poll_interval: float = DEFAULT_POLL_S
+    reply_check: float = REPLY_CHECK_S
+    warm: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RuntimeSettings:
+        """From a parser that :func:`add_runtime_arguments` set up."""
+        return cls(args.poll_interval, args.reply_check, args.warm)
+
+    def argv(self, changed_only: bool = False) -> list[str]:
+        """The options that give these settings; ``changed_only``: those that differ from the defaults."""
+        default = RuntimeSettings()
+        out = []
+        for option, value, default_value in (
+            ("--poll-interval", self.poll_interval, default.poll_interval),
+            ("--reply-check", self.reply_check, default.reply_check),
+        ):
+            if not changed_only or value != default_value:
+                out += [option, f"{value:g}"]
+        if not changed_only or self.warm != default.warm:
+            out.append("--warm" if self.warm else "--no-warm")
+        return out
+
+
 def add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     """``--poll-interval``, ``--reply-check`` and ``--warm`` / ``--no-warm``: here and on
     ``deploy supernode``."""
@@ -163,14 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = p.parse_args(argv)
     flower_args = args.flower_args[1:] if args.flower_args[:1] == ["--"] else args.flower_args
-    loop = cap_supernode_poll(args.poll_interval, args.reply_check)
+    settings = RuntimeSettings.from_args(args)
+    loop = cap_supernode_poll(settings.poll_interval, settings.reply_check)
     try:  # its message's objects, while the server still sends them
         pull_retry.shorten(loop, "pull_objects")
     except ValueError as exc:  # a bad $FEDSAMATCH_PULL_RETRY_S
         p.error(str(exc))
-    if args.warm and (why := warm.unavailable()):
+    if settings.warm and (why := warm.unavailable()):
         print(f"deploy.node: no warm ClientApps: {why}; each message starts a fresh process", flush=True)
-    elif args.warm:
+    elif settings.warm:
         reap_warm_server(start_warm_server(Path(sys.executable).parent / warm.LAUNCHER))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.commands import REPO, flower_env, run_config_arg
-from deploy.node import DEFAULT_POLL_S, REPLY_CHECK_S
+from deploy.node import DEFAULT_POLL_S, REPLY_CHECK_S, RuntimeSettings
 from deploy.pki import PkiLayout
 from deploy.procs import Managed, ProcessSet
 
@@ -250,12 +250,8 @@ class Rehearsal:
     def runtime_args(self) -> list[str]:
         """``deploy supernode``'s runtime options where they differ from its defaults (so the
         rehearsal's commands stay those of docs/deployment.md)."""
-        args = [] if self.cfg.warm else ["--no-warm"]
-        if self.cfg.poll_interval != DEFAULT_POLL_S:
-            args += ["--poll-interval", f"{self.cfg.poll_interval:g}"]
-        if self.cfg.reply_check != REPLY_CHECK_S:
-            args += ["--reply-check", f"{self.cfg.reply_check:g}"]
-        return args
+        runtime = RuntimeSettings(self.cfg.poll_interval, self.cfg.reply_check, self.cfg.warm)
+        return runtime.argv(changed_only=True)
 
     def start_site(self, site: str, data_root: Path | None = None) -> Managed:
         return self.start(f"supernode-{site}", *self.supernode_args(site, data_root))

@@ -120,11 +120,28 @@ def test_supernode_loop_sleeps_through_the_patched_name():
 def test_node_argv_wraps_the_flower_command():
     # Execute
     flower = ["/venv/bin/flower-supernode", "--superlink", "h:9093", "--insecure"]
-    argv = cmd.node_argv(flower, 0.25, warm=False, reply_check=0.5)
+    argv = cmd.node_argv(flower, node.RuntimeSettings(poll_interval=0.25, reply_check=0.5, warm=False))
 
     # Assert
     wrapper = [sys.executable, "-m", "deploy.node", "--poll-interval", "0.25", "--reply-check", "0.5"]
     assert argv == [*wrapper, "--no-warm", "--", *flower[1:]]
+
+
+def test_runtime_settings_round_trip_through_the_parser():
+    # Setup: the options deploy.node and deploy supernode share
+    parser = argparse.ArgumentParser()
+    node.add_runtime_arguments(parser)
+    changed = node.RuntimeSettings(poll_interval=2.0, reply_check=0.05, warm=False)
+
+    # Execute
+    only_changed = changed.argv(changed_only=True)
+    parsed = node.RuntimeSettings.from_args(parser.parse_args(changed.argv()))
+
+    # Assert: the default reply check is left out, and the options give the settings back
+    assert only_changed == ["--poll-interval", "2", "--no-warm"]
+    assert node.RuntimeSettings().argv(changed_only=True) == []
+    assert parsed == changed
+    assert node.RuntimeSettings.from_args(parser.parse_args(only_changed)) == changed
 
 
 @pytest.fixture
