@@ -9,10 +9,11 @@ pair, the median ratio and its spread; the SAM decoder's forward and backward ar
 (the joint step's batch of prompts: 2B images x (C-1) boxes, LoRA gradients). On the CPU a joint
 step decodes only the prompts that exist (``SamGuidance.skip_invalid``), so the prompts it decoded
 are counted: on the phantom about a third of the pseudo-label prompts exist, which real data need
-not match (docs/performance_log.md).
+not match (docs/performance_log.md); ``--decode all`` decodes every prompt, as a GPU does, which
+bounds real data from above.
 
     python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
-        [--amp fp32] [--allocator auto] [--out runs/step_ab.json]
+        [--amp fp32] [--decode valid] [--allocator auto] [--out runs/step_ab.json]
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--amp", default="fp32", help="fp32 or bf16")
+    parser.add_argument(
+        "--decode",
+        choices=("valid", "all"),
+        default="valid",
+        help="valid: decode only the prompts that exist (the CPU default); all: every prompt, as a GPU"
+        " does and as real data nearly does (a class is present in 67-96%% of slices)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
@@ -77,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     trainers = {m: trainer_for(m, args.size, args.batch, args.amp) for m in ("unimatch", "samatch")}
+    trainers["samatch"].method.guide.skip_invalid = args.decode == "valid"
     for _ in range(args.warmup):
         for trainer in trainers.values():
             trainer.step()

@@ -42,10 +42,13 @@ def test_benchmark_runs_as_a_script(script, tmp_path):
     assert proc.stdout.startswith(f"usage: {script}")
 
 
-def test_step_ab_pairs_and_summary(tmp_path):
+@pytest.mark.parametrize("decode", ["valid", "all"])
+def test_step_ab_pairs_and_summary(tmp_path, decode):
     # Execute: a tiny run, two pairs
     out = tmp_path / "ab.json"
     argv = [
+        "--decode",
+        decode,
         "--size",
         "64",
         "--batch",
@@ -69,9 +72,14 @@ def test_step_ab_pairs_and_summary(tmp_path):
     for p in pairs:
         assert p["unimatch_s"] > 0 and p["ratio"] == pytest.approx(p["joint_s"] / p["unimatch_s"])
     assert result["summary"]["ratio_median"] == pytest.approx((pairs[0]["ratio"] + pairs[1]["ratio"]) / 2)
-    # 2 x 2 images x 3 foreground classes of the cardiac phantom; on the CPU only existing ones decoded
+    # 2 x 2 images x 3 foreground classes of the cardiac phantom; on the CPU only existing ones decoded,
+    # unless every prompt is asked for (as a GPU decodes)
     assert result["summary"]["prompts_per_step"] == 12
-    assert 0 < result["summary"]["prompts_decoded_per_step"] <= 12
+    if decode == "all":
+        assert result["summary"]["prompts_decoded_per_step"] == 12
+    else:
+        assert 0 < result["summary"]["prompts_decoded_per_step"] <= 12
+    assert result["settings"]["decode"] == decode
 
 
 def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):
