@@ -185,8 +185,10 @@ def site_from_node_config(node_config: dict[str, Any], cfg: TrainConfig, fed: Fe
             over["data.splits_file"] = str(node_config["splits-file"])
         if node_config.get("label-map"):
             over["data.label_map"] = str(node_config["label-map"])
-        if node_config.get("state-dir"):  # the site's own folder also keeps its SAM embeddings
-            over["sam.cache_dir"] = str(Path(str(node_config["state-dir"])) / "sam_embeddings")
+        if node_config.get("state-dir"):  # the site's own folder also keeps its slices and SAM embeddings
+            state_dir = Path(str(node_config["state-dir"]))
+            over["data.cache_dir"] = str(state_dir / "slices")
+            over["sam.cache_dir"] = str(state_dir / "sam_embeddings")
         name = str(node_config.get("site-name") or Path(over["data.root"]).name)
         task = str(node_config.get("task", ""))
         task_over = {

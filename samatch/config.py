@@ -29,6 +29,7 @@ class DataConfig:
     splits_file: str = ""  # reuse a splits JSON instead of making one
     max_unlabeled: int = 0  # 0 = all; >0 caps the unlabeled pool (CPU smoke runs)
     max_val_cases: int = 0  # 0 = all
+    cache_dir: str = ""  # keep the prepared training slices in this site-local folder (reused)
 
     def __post_init__(self) -> None:
         if self.labeled < 1:

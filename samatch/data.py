@@ -3,10 +3,17 @@
 Training slices are normalised (per-slice min-max) and resized once, then held as one tensor, so a
 batch is a single index-gather: the step never waits for file I/O. Validation volumes stay at their
 native resolution; :mod:`samatch.evaluate` resizes predictions back to it.
+
+With ``data.cache_dir`` the prepared slice sets are also kept in that (site-local) folder, one file per
+set, and a process that opens the same cases again maps that file instead of reading and resizing
+every case: a deployed site starts a new process for every message (:func:`load_slices_cached`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from samatch.filecache import load_or_none, save_atomic
 from samatch.io.base import Case, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
@@ -59,6 +67,47 @@ def load_slices(refs: Sequence[CaseRef], size: int, with_labels: bool, desc: str
     img = torch.from_numpy(np.concatenate(images))[:, None]
     lab = torch.from_numpy(np.concatenate(labels)) if with_labels else None
     return SliceSet(img, lab, pids)
+
+
+# Raise when the slices prepared from the same files change (load_slices, a reader's loading).
+SLICE_CACHE_VERSION = 1
+
+
+def slices_key(refs: Sequence[CaseRef], size: int, with_labels: bool, reading: str = "") -> str:
+    """What a prepared slice set depends on -> its cache file's stem: the preparation (version, size,
+    labels, ``reading``: how the reader was set up, e.g. its format and label map), and each case's
+    id, patient and files with their sizes and modification times (a file that changes gives another
+    key, so stale slices are never read)."""
+    h = hashlib.sha256(f"fedsamatch-slices-v{SLICE_CACHE_VERSION} {size} {with_labels} {reading}".encode())
+    for ref in refs:
+        files = []
+        for path in ref.paths:
+            st = os.stat(path)
+            files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+        h.update(json.dumps([ref.case_id, ref.patient_id, files]).encode())
+    return h.hexdigest()[:32]
+
+
+def load_slices_cached(
+    refs: Sequence[CaseRef],
+    size: int,
+    with_labels: bool,
+    desc: str,
+    cache_dir: str | os.PathLike,
+    reading: str = "",
+) -> SliceSet:
+    """:func:`load_slices`, kept in ``cache_dir/<slices_key>.pt``: read from there when that file is
+    readable (its tensors mapped, not copied), else prepared and saved (an unreadable file is replaced).
+    Cases without files (phantoms) are not cached."""
+    if not refs or not all(ref.paths for ref in refs):
+        return load_slices(refs, size, with_labels, desc)
+    path = Path(cache_dir) / f"{slices_key(refs, size, with_labels, reading)}.pt"
+    kept = load_or_none(path, mmap=True)
+    if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
+        return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
+    slices = load_slices(refs, size, with_labels, desc)
+    save_atomic({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
+    return slices
 
 
 def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case]:
@@ -132,12 +181,16 @@ def build_train_data(cfg, out_dir: Path | None = None) -> TrainData:
     if cfg.data.max_unlabeled:
         unlabeled_ids = unlabeled_ids[: cfg.data.max_unlabeled]
     val_ids = splits.val[: cfg.data.max_val_cases or None]
-    labeled = load_slices([refs[i] for i in splits.labeled], cfg.data.size, True, "labeled")
-    unlabeled = (
-        load_slices([refs[i] for i in unlabeled_ids], cfg.data.size, False, "unlabeled")
-        if unlabeled_ids
-        else None
-    )
+
+    def slices(ids: Sequence[str], with_labels: bool, desc: str) -> SliceSet:
+        cases = [refs[i] for i in ids]
+        if cfg.data.cache_dir:
+            reading = json.dumps([reader.name, cfg.data.label_map])
+            return load_slices_cached(cases, cfg.data.size, with_labels, desc, cfg.data.cache_dir, reading)
+        return load_slices(cases, cfg.data.size, with_labels, desc)
+
+    labeled = slices(splits.labeled, True, "labeled")
+    unlabeled = slices(unlabeled_ids, False, "unlabeled") if unlabeled_ids else None
     val = load_volumes([refs[i] for i in val_ids])
     if cfg.model.num_classes == 0:  # 0 = take it from the dataset
         cfg.model.num_classes = reader.num_classes

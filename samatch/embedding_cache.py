@@ -6,22 +6,27 @@ the image and the encoder weights, so :class:`EmbeddingStore` files each slice's
 key made of both:
 
     <cache_dir>/<sha256(encoder weights, slice)[:32]>.pt   (256, 64, 64) float16
+    <cache_dir>/sets/<sha256(the slices' keys)[:32]>.pt    (N, 256, 64, 64) float16, one per set
 
 A federated site whose data is reopened by another worker process, a resumed run, the next run on
 the same data, or another grouping of the same slices (a centralized run on pooled sites' data)
-loads the files instead of encoding again; only slices never seen are encoded. Embeddings are
-derived from the site's images and never leave the site: the folder is site-local, like the data.
+loads the files instead of encoding again; only slices never seen are encoded. A set asked for
+before is read from its one ``sets/`` file, mapped rather than copied: a deployed site starts a
+process for every message, and reading hundreds of slice files cost it about a second (at the price
+of keeping each embedding twice on disk). Embeddings are derived from the site's images and never
+leave the site: the folder is site-local, like the data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from samatch.filecache import load_or_none, save_atomic
 
 __all__ = ["EmbeddingStore", "tensor_digest"]
 
@@ -55,38 +60,28 @@ class EmbeddingStore:
         return tensor_digest([image.float()], h).hexdigest()[:32]
 
     def _load(self, path: Path) -> torch.Tensor | None:
-        if not path.is_file():
-            return None
-        try:
-            emb = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
-            return None
+        emb = load_or_none(path)
         return emb if isinstance(emb, torch.Tensor) and emb.dim() == 3 else None
-
-    def _save(self, path: Path, emb: torch.Tensor) -> None:
-        # Write-then-rename: concurrent workers of one site never read a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(emb.detach().cpu().clone(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def get_or_compute(
         self, images: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
-        """Embeddings (N, ...) of ``images`` (N, 1, S, S): read per slice from the folder, and
-        ``compute`` (called once, on the missing slices only) for the others, which are then saved.
-        A file that cannot be read is recomputed and replaced."""
-        paths = [self.folder / f"{self.key(img)}.pt" for img in images]
+        """Embeddings (N, ...) of ``images`` (N, 1, S, S): the set's file when it has one, else read per
+        slice from the folder and ``compute`` (called once, on the missing slices only) for the others;
+        both are then saved. A file that cannot be read is recomputed and replaced."""
+        keys = [self.key(img) for img in images]
+        set_path = self.folder / "sets" / f"{hashlib.sha256(' '.join(keys).encode()).hexdigest()[:32]}.pt"
+        kept = load_or_none(set_path, mmap=True)
+        if isinstance(kept, torch.Tensor) and kept.dim() == 4 and kept.shape[0] == len(keys):
+            return kept
+        paths = [self.folder / f"{key}.pt" for key in keys]
         out: list[torch.Tensor | None] = [self._load(p) for p in paths]
         missing = [i for i, e in enumerate(out) if e is None]
         if missing:
             emb = compute(images[missing])
-            self.folder.mkdir(parents=True, exist_ok=True)
             for j, i in enumerate(missing):
                 out[i] = emb[j].cpu()
-                self._save(paths[i], out[i])
-        return torch.stack(out)
+                save_atomic(out[i].clone(), paths[i])
+        embeddings = torch.stack(out)
+        save_atomic(embeddings, set_path)
+        return embeddings

@@ -4,6 +4,7 @@ import the project's packages, which are not installed under these names)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, *argv: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *argv: str, cwd: Path, timeout: float, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """``python benchmarks/<script> argv...`` from ``cwd``, as the docs write it."""
     return subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / script), *argv],
@@ -21,6 +24,7 @@ def run_script(script: str, *argv: str, cwd: Path, timeout: float) -> subprocess
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -34,6 +38,7 @@ def run_script(script: str, *argv: str, cwd: Path, timeout: float) -> subprocess
         "step_ab.py",
         "lc_iterations.py",
         "fork_gc.py",
+        "site_cache.py",
     ],
 )
 def test_benchmark_runs_as_a_script(script, tmp_path):
@@ -102,3 +107,28 @@ def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):
         assert 0 <= child["gc_s"] <= child["build_s"] and child["collections"] > 0
         assert child["full_collection_s"] > 0
     assert set(result["summary"]) == {"imported", "collected", "frozen"}
+
+
+def test_site_cache_times_each_path_on_a_dataset_folder(tiny_acdc_h5, tmp_path):
+    # Execute: the tiny ACDC folder (5 training slices of 3 patients), 1 labeled patient
+    out = tmp_path / "site_cache.json"
+    argv = ["--root", str(tiny_acdc_h5), "--format", "acdc-h5", "--labeled", "1", "--size", "32"]
+    scratch = tmp_path / "scratch"  # its temporary folders
+    scratch.mkdir()
+    env = os.environ | {"TMPDIR": str(scratch)}
+    proc = run_script(
+        "site_cache.py", *argv, "--repeat", "2", "--out", str(out), cwd=tmp_path, timeout=300, env=env
+    )
+
+    # Assert: every slice counted once, each timing repeated, the summary their medians; no cache left behind
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["slices"]["labeled"] + result["slices"]["unlabeled"] == 5
+    data, emb, summary = result["data_s"], result["embeddings_s"], result["summary"]
+    assert len(data["no_cache"]) == len(data["cache_kept"]) == len(emb["per_slice_files"]) == 2
+    assert summary["data_no_cache_s"] == pytest.approx(sum(data["no_cache"]) / 2)
+    assert summary["embedding_set_file_s"] == pytest.approx(sum(emb["set_file_with_keys"]) / 2)
+    assert all(
+        t > 0 for t in [*data["no_cache"], *data["cache_kept"], data["cache_first"], emb["first_write"]]
+    )
+    assert Path(result["cache_folder"]).parent == scratch and not list(scratch.iterdir())

@@ -121,6 +121,7 @@ def test_node_config_reaches_the_site_unchanged(pki, tmp_path):
         "data.root": "/data/acdc h5",
         "data.format": "acdc-h5",
         "data.label_map": "chaos-liver",
+        "data.cache_dir": "/var/fl/A/slices",
         "sam.cache_dir": "/var/fl/A/sam_embeddings",
         "model.num_classes": 4,
         "sam.enclosed": "2>3",

@@ -81,3 +81,37 @@ def test_unreadable_file_is_recomputed_and_replaced(tmp_path):
     # Assert
     assert enc.seen == 1 and emb[0, :, 0, 0].tolist() == [1.0, -1.0]
     assert torch.equal(torch.load(path, weights_only=True), emb[0])
+
+
+def test_a_set_asked_for_before_is_read_from_its_one_file(tmp_path):
+    # Prepare: a set cached, then its per-slice files removed
+    images = images_with_means(0.25, 0.75, 0.5)
+    first, second = CountingEncoder(), CountingEncoder()
+    a = EmbeddingStore(tmp_path, first).get_or_compute(images, first)
+    for f in tmp_path.glob("*.pt"):
+        f.unlink()
+
+    # Execute: the same set, then a subset of it (another set)
+    b = EmbeddingStore(tmp_path, second).get_or_compute(images, second)
+    part = EmbeddingStore(tmp_path, second).get_or_compute(images[:2], second)
+
+    # Assert: the set from its file, nothing encoded; the subset had no file of its own, so it was encoded
+    assert second.seen == 2 and torch.equal(b, a) and b.dtype == torch.float16
+    assert b[:, 0, 0, 0].tolist() == [0.5, 1.5, 1.0] and torch.equal(part, a[:2])
+    assert len(list((tmp_path / "sets").glob("*.pt"))) == 2
+
+
+def test_an_unreadable_set_file_is_made_again_from_the_slices(tmp_path):
+    # Prepare: the set's file cut short
+    images = images_with_means(0.25, 0.75)
+    enc = CountingEncoder()
+    a = EmbeddingStore(tmp_path, enc).get_or_compute(images, enc)
+    (set_file,) = (tmp_path / "sets").glob("*.pt")
+    set_file.write_bytes(set_file.read_bytes()[:50])
+
+    # Execute
+    b = EmbeddingStore(tmp_path, enc).get_or_compute(images, enc)
+
+    # Assert: read from the slice files (no encoding), and the set's file written again
+    assert enc.seen == 2 and torch.equal(b, a)
+    assert torch.equal(torch.load(set_file, weights_only=True), a)

@@ -1,0 +1,149 @@
+"""data.cache_dir: prepared slice sets kept in a site-local folder (samatch.data.load_slices_cached)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import tiny_slice, write_h5
+
+from samatch.config import TrainConfig, apply_overrides
+from samatch.data import build_train_data, load_slices, load_slices_cached
+from samatch.io import open_dataset
+
+
+def counted(refs):
+    """The refs with a loader that counts its calls: (refs, calls list)."""
+    calls = []
+
+    def wrap(ref):
+        def load(r):
+            calls.append(r.case_id)
+            return ref.loader(r)
+
+        return dataclasses.replace(ref, loader=load)
+
+    return [wrap(r) for r in refs], calls
+
+
+def train_refs(root):
+    return [r for r in open_dataset(root, "acdc-h5").cases(None) if r.split == "train"]
+
+
+def assert_same(a, b):
+    assert torch.equal(a.images, b.images) and a.images.dtype == b.images.dtype
+    assert (a.labels is None and b.labels is None) or torch.equal(a.labels, b.labels)
+    assert a.patient_ids == b.patient_ids
+
+
+def test_second_load_reads_the_kept_file_not_the_cases(tiny_acdc_h5, tmp_path):
+    # Setup
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    cache = tmp_path / "slices"
+
+    # Execute: twice with labels, once without (another set: another file)
+    first = load_slices_cached(refs, 32, True, "labeled", cache)
+    loads_first = len(calls)
+    second = load_slices_cached(refs, 32, True, "labeled", cache)
+    unlabeled = load_slices_cached(refs, 32, False, "unlabeled", cache)
+
+    # Assert: 5 cases read once for the labeled set, none the second time, the same slices as without a cache
+    assert loads_first == 5 and len(calls) == 10
+    assert_same(first, load_slices(refs, 32, True))
+    assert_same(second, first)
+    assert unlabeled.labels is None and torch.equal(unlabeled.images, first.images)
+    assert len(list(cache.glob("*.pt"))) == 2 and not list(cache.glob("*.tmp"))
+
+
+def test_another_reading_of_the_same_files_is_kept_apart(tiny_acdc_h5, tmp_path):
+    # Setup: the same cases read twice with different reader settings (e.g. another label map)
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    cache = tmp_path / "slices"
+
+    # Execute
+    load_slices_cached(refs, 32, True, "labeled", cache, reading='["acdc-h5", ""]')
+    load_slices_cached(refs, 32, True, "labeled", cache, reading='["acdc-h5", "3=1"]')
+
+    # Assert: each prepared from the cases, two files
+    assert len(calls) == 10 and len(list(cache.glob("*.pt"))) == 2
+
+
+def test_a_changed_case_file_is_prepared_again(tiny_acdc_h5, tmp_path):
+    # Setup: one set kept, then one slice's file rewritten with other pixels
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    cache = tmp_path / "slices"
+    before = load_slices_cached(refs, 32, True, "labeled", cache)
+    changed = Path(refs[0].paths[0])
+    image, label = tiny_slice(42)
+    write_h5(changed, np.concatenate([image, image]), np.concatenate([label, label]))  # (12, 5): other size
+    calls.clear()
+
+    # Execute
+    after = load_slices_cached(refs, 32, True, "labeled", cache)
+
+    # Assert: every case read again (one key for the set), the new pixels, a second file
+    assert len(calls) == 5
+    assert not torch.equal(after.images, before.images)
+    assert_same(after, load_slices(refs, 32, True))
+    assert len(list(cache.glob("*.pt"))) == 2
+
+
+def test_same_size_rewrite_changes_the_key_through_its_modification_time(tiny_acdc_h5, tmp_path):
+    # Setup: a rewrite of the same size, its modification time moved on
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    cache = tmp_path / "slices"
+    load_slices_cached(refs, 32, True, "labeled", cache)
+    path = Path(refs[1].paths[0])
+    size = os.path.getsize(path)
+    write_h5(path, *tiny_slice(7))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    calls.clear()
+
+    # Execute
+    after = load_slices_cached(refs, 32, True, "labeled", cache)
+
+    # Assert
+    assert os.path.getsize(path) == size and len(calls) == 5
+    assert_same(after, load_slices(refs, 32, True))
+
+
+def test_an_unreadable_kept_file_is_prepared_and_replaced(tiny_acdc_h5, tmp_path):
+    # Setup: the kept file cut short
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    cache = tmp_path / "slices"
+    first = load_slices_cached(refs, 32, True, "labeled", cache)
+    (kept,) = cache.glob("*.pt")
+    kept.write_bytes(kept.read_bytes()[:100])
+    calls.clear()
+
+    # Execute: prepared again, then read from the replaced file
+    again = load_slices_cached(refs, 32, True, "labeled", cache)
+    loads_again = len(calls)
+    third = load_slices_cached(refs, 32, True, "labeled", cache)
+
+    # Assert
+    assert loads_again == 5 and len(calls) == 5
+    assert_same(again, first)
+    assert_same(third, first)
+
+
+def test_build_train_data_with_a_cache_dir_gives_the_same_sets(acdc_root, tmp_path):
+    # Setup: real ACDC, 1 labeled patient and 12 unlabeled slices at 64 px
+    base = {"data.format": "acdc-h5", "data.root": str(acdc_root), "data.labeled": 1}
+    base |= {"data.size": 64, "data.max_unlabeled": 12, "data.max_val_cases": 1, "model.num_classes": 4}
+    plain = build_train_data(apply_overrides(TrainConfig(), base))
+    cached_cfg = apply_overrides(TrainConfig(), base | {"data.cache_dir": str(tmp_path / "slices")})
+
+    # Execute: the first build writes the two sets, the second reads them
+    build_train_data(cached_cfg)
+    cached = build_train_data(cached_cfg)
+
+    # Assert
+    assert len(list((tmp_path / "slices").glob("*.pt"))) == 2
+    assert_same(cached.labeled, plain.labeled)
+    assert_same(cached.unlabeled, plain.unlabeled)
+    assert len(cached.unlabeled) == 12 and cached.num_classes == 4
