@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samatch.filecache import load_or_none, save_atomic
+from samatch.filecache import keep, load_or_none
 from samatch.io.base import Case, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
@@ -106,7 +106,7 @@ def load_slices_cached(
     if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
         return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
     slices = load_slices(refs, size, with_labels, desc)
-    save_atomic({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
+    keep({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
     return slices
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from samatch.filecache import load_or_none, save_atomic
+from samatch.filecache import keep, load_or_none
 
 __all__ = ["EmbeddingStore", "tensor_digest"]
 
@@ -81,7 +81,7 @@ class EmbeddingStore:
             emb = compute(images[missing])
             for j, i in enumerate(missing):
                 out[i] = emb[j].cpu()
-                save_atomic(out[i].clone(), paths[i])
+                keep(out[i].clone(), paths[i])
         embeddings = torch.stack(out)
-        save_atomic(embeddings, set_path)
+        keep(embeddings, set_path)
         return embeddings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,20 @@ def save_atomic(obj: Any, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def keep(obj: Any, path: Path) -> bool:
+    """:func:`save_atomic`, or, when the folder cannot take the file (read-only, full, missing
+    rights), a warning naming the file and the error: a cache that cannot be written is skipped, the
+    run goes on. True when saved."""
+    try:
+        save_atomic(obj, path)
+    except OSError as err:
+        warnings.warn(
+            f"{path}: not kept ({err}); the next process prepares it again", RuntimeWarning, stacklevel=2
+        )
+        return False
+    return True
 
 
 def load_or_none(path: Path, mmap: bool = False) -> Any | None:

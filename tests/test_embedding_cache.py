@@ -3,6 +3,7 @@ and across groupings of the same slices."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from samatch.embedding_cache import EmbeddingStore
@@ -115,3 +116,17 @@ def test_an_unreadable_set_file_is_made_again_from_the_slices(tmp_path):
     # Assert: read from the slice files (no encoding), and the set's file written again
     assert enc.seen == 2 and torch.equal(b, a)
     assert torch.equal(torch.load(set_file, weights_only=True), a)
+
+
+def test_a_folder_that_cannot_take_the_files_only_warns(tmp_path):
+    # Prepare: the store's folder would be inside a regular file
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    enc = CountingEncoder()
+
+    # Execute
+    with pytest.warns(RuntimeWarning, match="not kept"):
+        emb = EmbeddingStore(blocker / "emb", enc).get_or_compute(images_with_means(0.25, 0.75), enc)
+
+    # Assert: encoded and returned all the same
+    assert enc.seen == 2 and emb[:, 0, 0, 0].tolist() == [0.5, 1.5]

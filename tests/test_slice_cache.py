@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_slice, write_h5
 
@@ -147,3 +148,18 @@ def test_build_train_data_with_a_cache_dir_gives_the_same_sets(acdc_root, tmp_pa
     assert_same(cached.labeled, plain.labeled)
     assert_same(cached.unlabeled, plain.unlabeled)
     assert len(cached.unlabeled) == 12 and cached.num_classes == 4
+
+
+def test_a_folder_that_cannot_take_the_file_is_skipped_with_a_warning(tiny_acdc_h5, tmp_path):
+    # Setup: the cache folder would be inside a regular file (as root, permissions would not stop it)
+    refs, calls = counted(train_refs(tiny_acdc_h5))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+
+    # Execute
+    with pytest.warns(RuntimeWarning, match="not-a-folder.*not kept"):
+        slices = load_slices_cached(refs, 32, True, "labeled", blocker / "slices")
+
+    # Assert: the slices all the same, read from the cases
+    assert len(calls) == 5
+    assert_same(slices, load_slices(refs, 32, True))
