@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,17 +74,24 @@ def load_slices(refs: Sequence[CaseRef], size: int, with_labels: bool, desc: str
 SLICE_CACHE_VERSION = 1
 
 
-def slices_key(refs: Sequence[CaseRef], size: int, with_labels: bool, reading: str = "") -> str:
+def slices_key(refs: Sequence[CaseRef], size: int, with_labels: bool, reading: str = "") -> str | None:
     """What a prepared slice set depends on -> its cache file's stem: the preparation (version, size,
     labels, ``reading``: how the reader was set up, e.g. its format and label map), and each case's
-    id, patient and files with their sizes and modification times (a file that changes gives another
-    key, so stale slices are never read)."""
+    id, patient and files: path, size, modification and status-change times and inode, so a file
+    rewritten in place, even with its size and modification time kept (``cp -p``, ``rsync -a``),
+    gives another key and stale slices are never read. None when a path is not a file (phantoms, a
+    packed file's cases, a file gone: the reader reports that)."""
     h = hashlib.sha256(f"fedsamatch-slices-v{SLICE_CACHE_VERSION} {size} {with_labels} {reading}".encode())
     for ref in refs:
         files = []
         for path in ref.paths:
-            st = os.stat(path)
-            files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            files.append([os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         h.update(json.dumps([ref.case_id, ref.patient_id, files]).encode())
     return h.hexdigest()[:32]
 
@@ -98,10 +106,12 @@ def load_slices_cached(
 ) -> SliceSet:
     """:func:`load_slices`, kept in ``cache_dir/<slices_key>.pt``: read from there when that file is
     readable (its tensors mapped, not copied), else prepared and saved (an unreadable file is replaced).
-    Cases without files (phantoms) are not cached."""
-    if not refs or not all(ref.paths for ref in refs):
+    Cases that are not files (:func:`slices_key` None) are not cached. Each new key adds a file: the
+    folder is never pruned."""
+    key = slices_key(refs, size, with_labels, reading) if refs else None
+    if key is None:
         return load_slices(refs, size, with_labels, desc)
-    path = Path(cache_dir) / f"{slices_key(refs, size, with_labels, reading)}.pt"
+    path = Path(cache_dir) / f"{key}.pt"
     kept = load_or_none(path, mmap=True)
     if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
         return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
@@ -184,8 +194,10 @@ def build_train_data(cfg, out_dir: Path | None = None) -> TrainData:
 
     def slices(ids: Sequence[str], with_labels: bool, desc: str) -> SliceSet:
         cases = [refs[i] for i in ids]
-        if cfg.data.cache_dir:
-            reading = json.dumps([reader.name, cfg.data.label_map])
+        # Phantoms are made in memory and a packed file is read whole: nothing to keep.
+        if cfg.data.cache_dir and reader.name != "packed" and not reader.name.startswith("phantom"):
+            label_map = getattr(reader, "label_map", None)  # what the files' values become
+            reading = json.dumps([reader.name, cfg.data.label_map, label_map.spec() if label_map else ""])
             return load_slices_cached(cases, cfg.data.size, with_labels, desc, cfg.data.cache_dir, reading)
         return load_slices(cases, cfg.data.size, with_labels, desc)
 

@@ -30,12 +30,12 @@ def save_atomic(obj: Any, path: Path) -> None:
 
 
 def keep(obj: Any, path: Path) -> bool:
-    """:func:`save_atomic`, or, when the folder cannot take the file (read-only, full, missing
-    rights), a warning naming the file and the error: a cache that cannot be written is skipped, the
+    """:func:`save_atomic`, or, when the folder cannot take the file (read-only, full, not a folder),
+    a warning naming the file and the error: a cache that cannot be written is skipped, the
     run goes on. True when saved."""
     try:
         save_atomic(obj, path)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # a full disk: torch.save's writer raises RuntimeError
         warnings.warn(
             f"{path}: not kept ({err}); the next process prepares it again", RuntimeWarning, stacklevel=2
         )

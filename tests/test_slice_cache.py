@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import torch
 from conftest import tiny_slice, write_h5
 
 from samatch.config import TrainConfig, apply_overrides
-from samatch.data import build_train_data, load_slices, load_slices_cached
+from samatch.data import build_train_data, load_slices, load_slices_cached, slices_key
 from samatch.io import open_dataset
 
 
@@ -64,12 +67,14 @@ def test_another_reading_of_the_same_files_is_kept_apart(tiny_acdc_h5, tmp_path)
     refs, calls = counted(train_refs(tiny_acdc_h5))
     cache = tmp_path / "slices"
 
-    # Execute
+    # Execute: two reader settings, then another size
     load_slices_cached(refs, 32, True, "labeled", cache, reading='["acdc-h5", ""]')
     load_slices_cached(refs, 32, True, "labeled", cache, reading='["acdc-h5", "3=1"]')
+    other_size = load_slices_cached(refs, 48, True, "labeled", cache, reading='["acdc-h5", ""]')
 
-    # Assert: each prepared from the cases, two files
-    assert len(calls) == 10 and len(list(cache.glob("*.pt"))) == 2
+    # Assert: each prepared from the cases, three files
+    assert len(calls) == 15 and len(list(cache.glob("*.pt"))) == 3
+    assert other_size.images.shape[-1] == 48
 
 
 def test_a_changed_case_file_is_prepared_again(tiny_acdc_h5, tmp_path):
@@ -163,3 +168,61 @@ def test_a_folder_that_cannot_take_the_file_is_skipped_with_a_warning(tiny_acdc_
     # Assert: the slices all the same, read from the cases
     assert len(calls) == 5
     assert_same(slices, load_slices(refs, 32, True))
+
+
+def test_the_key_is_the_same_in_another_process(tiny_acdc_h5):
+    # Setup: the key computed here, then by a fresh interpreter (another hash seed)
+    code = (
+        "from samatch.data import slices_key; from samatch.io import open_dataset;"
+        f"cases = open_dataset({str(tiny_acdc_h5)!r}, 'acdc-h5').cases(None);"
+        "print(slices_key([r for r in cases if r.split == 'train'], 32, True, 'x'))"
+    )
+    env = os.environ | {"PYTHONHASHSEED": "123"}
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+
+    # Assert
+    assert out.stdout.strip() == slices_key(train_refs(tiny_acdc_h5), 32, True, "x")
+
+
+def test_kept_sets_are_mapped_from_their_file(tiny_acdc_h5, tmp_path):
+    # Setup
+    refs = train_refs(tiny_acdc_h5)
+    load_slices_cached(refs, 32, True, "labeled", tmp_path)
+    (kept,) = tmp_path.glob("*.pt")
+
+    # Execute
+    slices = load_slices_cached(refs, 32, True, "labeled", tmp_path)
+
+    # Assert: the file is mapped into this process while its tensors live
+    assert str(kept) in Path("/proc/self/maps").read_text()
+    assert len(slices) == 5
+
+
+def test_a_missing_case_file_fails_as_without_a_cache(tiny_acdc_h5, tmp_path):
+    # Setup: one slice's file gone
+    refs = train_refs(tiny_acdc_h5)
+    Path(refs[2].paths[0]).unlink()
+    with pytest.raises(Exception) as plain:
+        load_slices(refs, 32, True)
+
+    # Execute / Assert: the reader's own error, not one from the cache's key
+    with pytest.raises(type(plain.value), match=re.escape(str(plain.value))):
+        load_slices_cached(refs, 32, True, "labeled", tmp_path)
+
+
+def test_build_train_data_keys_on_the_label_map_and_skips_phantoms(tiny_acdc_h5, tmp_path):
+    # Setup: the tiny ACDC folder as is and with the LV mapped to class 1 only; then a phantom site
+    base = {"data.format": "acdc-h5", "data.root": str(tiny_acdc_h5), "data.labeled": 1, "data.size": 32}
+    base |= {"data.cache_dir": str(tmp_path / "slices")}
+    as_is = build_train_data(apply_overrides(TrainConfig(), base))
+    lv_only = build_train_data(apply_overrides(TrainConfig(), base | {"data.label_map": "3=1"}))
+    phantom = {"data.format": "phantom-cardiac", "data.root": "0", "data.size": 32}
+    build_train_data(apply_overrides(TrainConfig(), phantom | {"data.cache_dir": str(tmp_path / "ph")}))
+
+    # Assert: two sets per label map, the LV-only labels in {0, 1}; nothing kept for the phantom
+    assert len(list((tmp_path / "slices").glob("*.pt"))) == 4
+    assert set(as_is.labeled.labels.unique().tolist()) == {0, 1, 2, 3}
+    assert set(lv_only.labeled.labels.unique().tolist()) == {0, 1}
+    assert not (tmp_path / "ph").exists()
