@@ -105,6 +105,7 @@ from benchmarks.round_inprocess import run_inprocess_case  # noqa: E402
 from benchmarks.round_payloads import bench_payloads, payload_for  # noqa: E402
 from deploy.cli import site_state_dir  # noqa: E402
 from deploy.commands import run_config_arg  # noqa: E402
+from deploy.node import RuntimeSettings  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from federation import pull_retry  # noqa: E402
 from samatch.hardware import hardware  # noqa: E402
@@ -268,9 +269,7 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         evaluate_every=1,
         timeout=timeout,
         threads=1,
-        warm=case.warm,
-        poll_interval=case.poll_s,
-        reply_check=case.reply_s,
+        runtime=RuntimeSettings(poll_interval=case.poll_s, reply_check=case.reply_s, warm=case.warm),
     )
     # The rehearsal's own data (phantom patients as NIfTI files) and settings, then ours.
     overrides = scale.run_config(case)

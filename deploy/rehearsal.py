@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deploy.commands import REPO, flower_env, run_config_arg
-from deploy.node import DEFAULT_POLL_S, REPLY_CHECK_S, RuntimeSettings
+from deploy.node import RuntimeSettings
 from deploy.pki import PkiLayout
 from deploy.procs import Managed, ProcessSet
 
@@ -51,9 +51,8 @@ class RehearsalConfig:
     timeout: float = 600.0  # bound on one `deploy run`
     threads: int = 1  # torch threads per ClientApp
     restart_delay: float = 3.0  # SuperNodes run under `deploy supernode --restart-delay`
-    warm: bool = True  # `deploy supernode --warm`: ClientApps forked from a warm process
-    poll_interval: float = DEFAULT_POLL_S  # `deploy supernode --poll-interval`
-    reply_check: float = REPLY_CHECK_S  # `deploy supernode --reply-check`
+    # `deploy supernode --poll-interval --reply-check --warm`: idle poll, reply checks, warm ClientApps
+    runtime: RuntimeSettings = RuntimeSettings()
     aggregation: str = "mean"
     # The deployment's plumbing, not the method, is rehearsed: UniMatch, whatever the app's default
     # (SAM-Match costs seconds per step and per encoded slice in every fresh ClientApp process here).
@@ -250,8 +249,7 @@ class Rehearsal:
     def runtime_args(self) -> list[str]:
         """``deploy supernode``'s runtime options where they differ from its defaults (so the
         rehearsal's commands stay those of docs/deployment.md)."""
-        runtime = RuntimeSettings(self.cfg.poll_interval, self.cfg.reply_check, self.cfg.warm)
-        return runtime.argv(changed_only=True)
+        return self.cfg.runtime.argv(changed_only=True)
 
     def start_site(self, site: str, data_root: Path | None = None) -> Managed:
         return self.start(f"supernode-{site}", *self.supernode_args(site, data_root))
