@@ -6,7 +6,9 @@ for SAM-Match, reads every slice's cached embedding (``samatch.embedding_cache``
 of ``bench_round.py`` are too small to show this; here it is timed on a real dataset:
 
 * **slices:** ``build_train_data`` without ``data.cache_dir``, then with it: the first build (prepares
-  the sets and writes them) and the later ones (map the kept files);
+  the sets and writes them) and the later ones (map the kept files), with the validation volumes read
+  and as a site's session builds it (``lazy_val``: read by the first evaluation, never in a train
+  message);
 * **embeddings,** for the same slices: their keys (a hash of each slice), then the per-slice files
   read and stacked (all there was before the set files), and the set's one file mapped. A stand-in
   encoder writes zeros of LiteMedSAM's embedding shape, (256, 64, 64) float16: reading does not depend
@@ -77,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         plain_s, plain_times = median_s(lambda: build_train_data(plain_cfg), args.repeat)
         first_s, data = seconds(lambda: build_train_data(cached_cfg))
         kept_s, kept_times = median_s(lambda: build_train_data(cached_cfg), args.repeat)
+        # As a site's session builds it: the validation volumes wait for the first evaluation.
+        lazy_s, lazy_times = median_s(lambda: build_train_data(cached_cfg, lazy_val=True), args.repeat)
         n = {"labeled": len(data.labeled), "unlabeled": len(data.unlabeled) if data.unlabeled else 0}
         print(
             f"slices ({n['labeled']} labeled, {n['unlabeled']} unlabeled, {args.size} px): read and prepared"
-            f" {plain_s:.2f} s; with data.cache_dir first {first_s:.2f} s, then {kept_s:.3f} s"
+            f" {plain_s:.2f} s; with data.cache_dir first {first_s:.2f} s, then {kept_s:.3f} s;"
+            f" validation volumes read on first use (a site session) {lazy_s:.3f} s"
         )
 
         images = torch.cat([s.images for s in (data.labeled, data.unlabeled) if s is not None])
@@ -91,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         keys_s, keys_times = median_s(lambda: [store.key(img) for img in images], args.repeat)
-        paths = [store.folder / f"{store.key(img)}.pt" for img in images]
+        keys = [store.key(img) for img in images]
         per_slice_s, per_slice_times = median_s(
-            lambda: torch.stack([store._load(p) for p in paths]), args.repeat
+            lambda: torch.stack([store.load_slice(k) for k in keys]), args.repeat
         )
         set_s, set_times = median_s(lambda: store.get_or_compute(images, None), args.repeat)
         print(
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "no_cache": plain_times,
             "cache_first": first_s,
             "cache_kept": kept_times,
+            "cache_kept_lazy_validation": lazy_times,
         },
         "embeddings_s": {
             "first_write": write_s,
@@ -128,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {
             "data_no_cache_s": plain_s,
             "data_cache_kept_s": kept_s,
+            "data_cache_kept_lazy_validation_s": lazy_s,
             "embedding_keys_s": keys_s,
             "embedding_per_slice_s": per_slice_s,
             "embedding_set_file_s": set_s,

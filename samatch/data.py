@@ -129,11 +129,35 @@ def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case
     return cases
 
 
+class LazyVolumes(Sequence[Case]):
+    """Validation volumes (:func:`load_volumes`) read on first use. ``len`` and truth read nothing, so
+    a deployed site's train message, a process that never evaluates, never reads them."""
+
+    def __init__(self, refs: Sequence[CaseRef], desc: str = "validation"):
+        self.refs, self.desc = list(refs), desc
+        self._cases: list[Case] | None = None
+
+    def cases(self) -> list[Case]:
+        if self._cases is None:
+            self._cases = load_volumes(self.refs, self.desc)
+        return self._cases
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        return self.cases()[i]
+
+    @property
+    def loaded(self) -> bool:
+        return self._cases is not None
+
+
 @dataclass
 class TrainData:
     labeled: SliceSet
     unlabeled: SliceSet | None
-    val: list[Case]
+    val: Sequence[Case]  # a list, or LazyVolumes
     num_classes: int
     class_names: tuple[str, ...]
 
@@ -182,8 +206,12 @@ def build_splits(reader, data_cfg, out_dir: Path | None = None):
     return splits
 
 
-def build_train_data(cfg, out_dir: Path | None = None) -> TrainData:
-    """cfg.data -> reader -> splits -> labeled / unlabeled slice sets + validation volumes."""
+def build_train_data(cfg, out_dir: Path | None = None, lazy_val: bool = False) -> TrainData:
+    """cfg.data -> reader -> splits -> labeled / unlabeled slice sets + validation volumes.
+
+    ``lazy_val``: the validation volumes are read on first use (:class:`LazyVolumes`), not here; a
+    missing label is then reported by the first evaluation instead of at the start.
+    """
     reader = open_reader(cfg.data)
     splits = build_splits(reader, cfg.data, out_dir)
     refs = {r.case_id: r for r in reader.cases(None)}
@@ -203,7 +231,8 @@ def build_train_data(cfg, out_dir: Path | None = None) -> TrainData:
 
     labeled = slices(splits.labeled, True, "labeled")
     unlabeled = slices(unlabeled_ids, False, "unlabeled") if unlabeled_ids else None
-    val = load_volumes([refs[i] for i in val_ids])
+    val_refs = [refs[i] for i in val_ids]
+    val = LazyVolumes(val_refs) if lazy_val else load_volumes(val_refs)
     if cfg.model.num_classes == 0:  # 0 = take it from the dataset
         cfg.model.num_classes = reader.num_classes
     if reader.num_classes != cfg.model.num_classes:

@@ -59,8 +59,9 @@ class EmbeddingStore:
         h = hashlib.sha256(self._encoder_hash.encode())
         return tensor_digest([image.float()], h).hexdigest()[:32]
 
-    def _load(self, path: Path) -> torch.Tensor | None:
-        emb = load_or_none(path)
+    def load_slice(self, key: str) -> torch.Tensor | None:
+        """The kept embedding (...) of one slice's key, or None when it is missing or unreadable."""
+        emb = load_or_none(self.folder / f"{key}.pt")
         return emb if isinstance(emb, torch.Tensor) and emb.dim() == 3 else None
 
     def get_or_compute(
@@ -74,14 +75,13 @@ class EmbeddingStore:
         kept = load_or_none(set_path, mmap=True)
         if isinstance(kept, torch.Tensor) and kept.dim() == 4 and kept.shape[0] == len(keys):
             return kept
-        paths = [self.folder / f"{key}.pt" for key in keys]
-        out: list[torch.Tensor | None] = [self._load(p) for p in paths]
+        out: list[torch.Tensor | None] = [self.load_slice(key) for key in keys]
         missing = [i for i, e in enumerate(out) if e is None]
         if missing:
             emb = compute(images[missing])
             for j, i in enumerate(missing):
                 out[i] = emb[j].cpu()
-                keep(out[i].clone(), paths[i])
+                keep(out[i].clone(), self.folder / f"{keys[i]}.pt")
         embeddings = torch.stack(out)
         keep(embeddings, set_path)
         return embeddings

@@ -126,6 +126,9 @@ def test_site_cache_times_each_path_on_a_dataset_folder(tiny_acdc_h5, tmp_path):
     assert result["slices"]["labeled"] + result["slices"]["unlabeled"] == 5
     data, emb, summary = result["data_s"], result["embeddings_s"], result["summary"]
     assert len(data["no_cache"]) == len(data["cache_kept"]) == len(emb["per_slice_files"]) == 2
+    assert summary["data_cache_kept_lazy_validation_s"] == pytest.approx(
+        sum(data["cache_kept_lazy_validation"]) / 2
+    )
     assert summary["data_no_cache_s"] == pytest.approx(sum(data["no_cache"]) / 2)
     assert summary["embedding_set_file_s"] == pytest.approx(sum(emb["set_file_with_keys"]) / 2)
     assert all(

@@ -416,6 +416,32 @@ def test_evaluate_without_a_trained_session_builds_the_unet_alone():
         clear_sessions()
 
 
+def test_a_train_round_reads_no_validation_volume_and_an_evaluation_reads_them_once():
+    # Prepare: a phantom site's session, as a deployed site builds one for every message.
+    from federation.local import evaluate_round, get_session, initial_state, train_round
+
+    cfg, fed = parse_run_config(dict(TINY))
+    site = site_from_node_config(phantom_nodes(2)[0], cfg, fed)
+    init, _ = initial_state(cfg)
+    clear_sessions()
+    try:
+        session = get_session(site, cfg)
+        val = session.trainer.data.val
+
+        # Execute: one train round
+        train_round(session, init, {}, 1, fed)
+
+        # Assert: the volumes were counted but not read, then read by the evaluation and kept
+        assert len(val) > 0 and not val.loaded
+        dice = evaluate_round(session, init, {})
+        assert val.loaded and 0 <= dice["dice_mean"] <= 1
+        first = val.cases()
+        evaluate_round(session, init, {})
+        assert val.cases() is first
+    finally:
+        clear_sessions()
+
+
 @pytest.mark.slow
 def test_samatch_round_sends_match_and_lora_b_only(tmp_path):
     # Prepare: SAM-Match with FFA-LoRA, one step on one round (LiteMedSAM on CPU is slow).

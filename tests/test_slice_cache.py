@@ -15,7 +15,14 @@ import torch
 from conftest import tiny_slice, write_h5
 
 from samatch.config import TrainConfig, apply_overrides
-from samatch.data import build_train_data, load_slices, load_slices_cached, slices_key
+from samatch.data import (
+    LazyVolumes,
+    build_train_data,
+    load_slices,
+    load_slices_cached,
+    load_volumes,
+    slices_key,
+)
 from samatch.io import open_dataset
 
 
@@ -226,3 +233,34 @@ def test_build_train_data_keys_on_the_label_map_and_skips_phantoms(tiny_acdc_h5,
     assert set(as_is.labeled.labels.unique().tolist()) == {0, 1, 2, 3}
     assert set(lv_only.labeled.labels.unique().tolist()) == {0, 1}
     assert not (tmp_path / "ph").exists()
+
+
+def test_lazy_volumes_read_each_case_once_on_first_use(tiny_acdc_h5):
+    # Setup: the validation cases of the tiny dataset, counted
+    refs, calls = counted([r for r in open_dataset(tiny_acdc_h5, "acdc-h5").cases(None) if r.split == "val"])
+    lazy = LazyVolumes(refs)
+
+    # Execute / Assert: length and truth read nothing; the first item reads every case, once
+    assert len(lazy) == len(refs) > 0 and lazy and calls == []
+    first = lazy[0]
+    assert sorted(calls) == sorted(r.case_id for r in refs)
+    cases = list(lazy)
+    assert len(calls) == len(refs) and cases[0] is first
+    eager = load_volumes(refs)
+    assert [c.meta.case_id for c in cases] == [c.meta.case_id for c in eager]
+    assert all(
+        np.array_equal(a.image, b.image) and np.array_equal(a.label, b.label)
+        for a, b in zip(cases, eager, strict=True)
+    )
+
+
+def test_lazy_volumes_report_a_case_without_a_label_on_first_use(tiny_acdc_h5):
+    # Setup: one validation case whose loader drops the label
+    ref = next(r for r in open_dataset(tiny_acdc_h5, "acdc-h5").cases(None) if r.split == "val")
+    unlabeled = dataclasses.replace(ref, loader=lambda r: dataclasses.replace(ref.loader(r), label=None))
+    lazy = LazyVolumes([unlabeled])
+
+    # Execute / Assert: nothing is read until used; then the one-line error names the file
+    assert len(lazy) == 1
+    with pytest.raises(ValueError, match=r"evaluation case has no label"):
+        lazy[0]
