@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samatch.filecache import keep, load_or_none
+from samatch.filecache import keep_set, load_or_none
 from samatch.io.base import Case, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
@@ -106,17 +106,17 @@ def load_slices_cached(
 ) -> SliceSet:
     """:func:`load_slices`, kept in ``cache_dir/<slices_key>.pt``: read from there when that file is
     readable (its tensors mapped, not copied), else prepared and saved (an unreadable file is replaced).
-    Cases that are not files (:func:`slices_key` None) are not cached. Each new key adds a file: the
-    folder is never pruned."""
+    Cases that are not files (:func:`slices_key` None) are not cached. Each new key adds a file, and
+    the folder keeps the most recently used (:func:`samatch.filecache.keep_set`)."""
     key = slices_key(refs, size, with_labels, reading) if refs else None
     if key is None:
         return load_slices(refs, size, with_labels, desc)
     path = Path(cache_dir) / f"{key}.pt"
-    kept = load_or_none(path, mmap=True)
+    kept = load_or_none(path, mmap=True, mark_used=True)
     if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
         return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
     slices = load_slices(refs, size, with_labels, desc)
-    keep({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
+    keep_set({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
     return slices
 
 

@@ -13,8 +13,10 @@ the same data, or another grouping of the same slices (a centralized run on pool
 loads the files instead of encoding again; only slices never seen are encoded. A set asked for
 before is read from its one ``sets/`` file, mapped rather than copied: a deployed site starts a
 process for every message, and reading hundreds of slice files cost it about a second (at the price
-of keeping each embedding twice on disk). Embeddings are derived from the site's images and never
-leave the site: the folder is site-local, like the data.
+of keeping each embedding twice on disk). ``sets/`` keeps its most recently used files
+(:func:`samatch.filecache.keep_set`); the per-slice files, seconds each to encode again, are kept.
+Embeddings are derived from the site's images and never leave the site: the folder is site-local,
+like the data.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from samatch.filecache import keep, load_or_none
+from samatch.filecache import keep, keep_set, load_or_none
 
 __all__ = ["EmbeddingStore", "tensor_digest"]
 
@@ -72,7 +74,7 @@ class EmbeddingStore:
         both are then saved. A file that cannot be read is recomputed and replaced."""
         keys = [self.key(img) for img in images]
         set_path = self.folder / "sets" / f"{hashlib.sha256(' '.join(keys).encode()).hexdigest()[:32]}.pt"
-        kept = load_or_none(set_path, mmap=True)
+        kept = load_or_none(set_path, mmap=True, mark_used=True)
         if isinstance(kept, torch.Tensor) and kept.dim() == 4 and kept.shape[0] == len(keys):
             return kept
         out: list[torch.Tensor | None] = [self.load_slice(key) for key in keys]
@@ -83,5 +85,5 @@ class EmbeddingStore:
                 out[i] = emb[j].cpu()
                 keep(out[i].clone(), self.folder / f"{keys[i]}.pt")
         embeddings = torch.stack(out)
-        keep(embeddings, set_path)
+        keep_set(embeddings, set_path)
         return embeddings

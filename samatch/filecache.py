@@ -3,6 +3,11 @@
 Both caches hold data derived from a site's scans in a folder of that site; a file is written under
 a temporary name and renamed, so a concurrent reader (another worker of the same site) never sees a
 half-written file, and a file that cannot be read counts as missing and is prepared again.
+
+Set files (one per prepared slice set, per set of embeddings) are derived from files that stay, and
+every new grouping of a site's slices (another split, another ``max_unlabeled``, a changed case file)
+adds one, so their folders are pruned: :func:`keep_set` leaves the :data:`KEEP_SETS` most recently
+used (written, or read with ``mark_used``), and a set pruned is prepared again when next asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+KEEP_SETS = 8  # set files kept per folder, the most recently used
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -43,12 +50,50 @@ def keep(obj: Any, path: Path) -> bool:
     return True
 
 
-def load_or_none(path: Path, mmap: bool = False) -> Any | None:
+def keep_set(obj: Any, path: Path) -> bool:
+    """:func:`keep` a set file, then remove all but the :data:`KEEP_SETS` most recently used ``*.pt``
+    files of its folder (:func:`prune`; the new one stays). True when saved."""
+    saved = keep(obj, path)
+    if saved:
+        prune(path.parent, KEEP_SETS, spare=path)
+    return saved
+
+
+def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Path]:
+    """Delete the ``*.pt`` files directly in ``folder`` but the ``keep_newest`` most recently
+    modified and ``spare``; returns those deleted. A file that another process has mapped stays
+    readable to it (POSIX), and one that vanishes meanwhile or cannot be deleted is passed over."""
+
+    def modified(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return float("inf")  # gone already: nothing to delete
+
+    files = sorted((p for p in folder.glob("*.pt") if p != spare), key=modified, reverse=True)
+    removed = []
+    for p in files[max(0, keep_newest - (spare is not None)) :]:
+        try:
+            p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    return removed
+
+
+def load_or_none(path: Path, mmap: bool = False, mark_used: bool = False) -> Any | None:
     """``torch.load`` (tensors and plain containers only) of ``path``, or None when it is missing or
-    unreadable. ``mmap``: tensors map the file and are read from it as they are used."""
+    unreadable. ``mmap``: tensors map the file and are read from it as they are used. ``mark_used``:
+    a file read is given the current modification time, so :func:`prune` keeps it longest."""
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - any unreadable file is simply prepared again
         return None
+    if mark_used:
+        try:
+            os.utime(path)
+        except OSError:  # a read-only folder: the file is used, it is just not marked
+            pass
+    return obj

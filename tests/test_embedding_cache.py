@@ -130,3 +130,22 @@ def test_a_folder_that_cannot_take_the_files_only_warns(tmp_path):
 
     # Assert: encoded and returned all the same
     assert enc.seen == 2 and emb[:, 0, 0, 0].tolist() == [0.5, 1.5]
+
+
+def test_set_files_are_pruned_and_slice_files_kept(tmp_path, monkeypatch):
+    # Prepare: room for one set file
+    from samatch import filecache
+
+    monkeypatch.setattr(filecache, "KEEP_SETS", 1)
+    encoder = CountingEncoder()
+    store = EmbeddingStore(tmp_path, encoder)
+
+    # Execute: two groupings of three slices, then the first again
+    store.get_or_compute(images_with_means(0.1, 0.2), encoder)
+    store.get_or_compute(images_with_means(0.2, 0.3), encoder)
+    again = store.get_or_compute(images_with_means(0.1, 0.2), encoder)
+
+    # Assert: one set file left (the last asked for), every slice file kept, no slice encoded twice
+    assert len(list((tmp_path / "sets").glob("*.pt"))) == 1
+    assert len(list(tmp_path.glob("*.pt"))) == 3 and encoder.seen == 3
+    assert torch.allclose(again[:, 0, 0, 0].float(), torch.tensor([0.2, 0.4]), atol=1e-3)

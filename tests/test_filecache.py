@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -32,3 +34,52 @@ def test_keep_warns_and_leaves_nothing_when_the_disk_is_full(tmp_path, monkeypat
 
     # Assert: not saved, and neither the file nor its temporary file is there
     assert not saved and not list(tmp_path.iterdir())
+
+
+def files_with_mtimes(folder, **mtimes):
+    """Empty ``<name>.pt`` files in ``folder`` with the given modification times (seconds)."""
+    for name, t in mtimes.items():
+        path = folder / f"{name}.pt"
+        torch.save(torch.zeros(1), path)
+        os.utime(path, (t, t))
+
+
+def test_prune_keeps_the_most_recently_modified_set_files(tmp_path):
+    # Setup: five set files, a the oldest; a writer's temporary file and a note beside them
+    files_with_mtimes(tmp_path, a=100, b=200, c=300, d=400, e=500)
+    (tmp_path / "x.tmp").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("kept")
+
+    # Execute
+    removed = filecache.prune(tmp_path, 2)
+
+    # Assert: a, b, c gone; d and e, the temporary file and the note left
+    assert sorted(p.name for p in removed) == ["a.pt", "b.pt", "c.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pt", "e.pt", "notes.txt", "x.tmp"]
+
+
+def test_prune_spares_the_file_just_written_within_the_count(tmp_path):
+    # Setup: the spared file is the oldest by time (written in the same clock tick as another)
+    files_with_mtimes(tmp_path, a=100, b=200, c=300)
+
+    # Execute: keep 2, sparing a
+    filecache.prune(tmp_path, 2, spare=tmp_path / "a.pt")
+
+    # Assert: a and the newest other (c) left, 2 in all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "c.pt"]
+
+
+def test_a_set_read_with_mark_used_outlives_older_ones(tmp_path, monkeypatch):
+    # Setup: three sets, a the oldest; room for two
+    files_with_mtimes(tmp_path, a=100, b=200, c=300)
+    monkeypatch.setattr(filecache, "KEEP_SETS", 2)
+
+    # Execute: b read without marking, a read and marked, then a new set kept
+    assert filecache.load_or_none(tmp_path / "b.pt") is not None
+    assert filecache.load_or_none(tmp_path / "a.pt", mark_used=True) is not None
+    assert (tmp_path / "b.pt").stat().st_mtime == 200
+    saved = filecache.keep_set(torch.ones(2), tmp_path / "new.pt")
+
+    # Assert: b untouched (200), a marked now; the new set and a stay, b and c go
+    assert saved and (tmp_path / "a.pt").stat().st_mtime > 1e9
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "new.pt"]

@@ -264,3 +264,27 @@ def test_lazy_volumes_report_a_case_without_a_label_on_first_use(tiny_acdc_h5):
     assert len(lazy) == 1
     with pytest.raises(ValueError, match=r"evaluation case has no label"):
         lazy[0]
+
+
+def test_the_folder_keeps_the_most_recently_used_sets(tiny_acdc_h5, tmp_path, monkeypatch):
+    # Setup: room for two sets; sets at 32 px and 16 px written, the 32 px one older by time
+    from samatch import filecache
+
+    monkeypatch.setattr(filecache, "KEEP_SETS", 2)
+    refs = train_refs(tiny_acdc_h5)
+    cache = tmp_path / "slices"
+    load_slices_cached(refs, 32, True, "labeled", cache)
+    (at32,) = cache.glob("*.pt")
+    os.utime(at32, (100, 100))
+    load_slices_cached(refs, 16, True, "labeled", cache)
+    (at16,) = set(cache.glob("*.pt")) - {at32}
+    os.utime(at16, (200, 200))
+
+    # Execute: the 32 px set used again (read, not prepared), then a third set prepared
+    refs_counted, calls = counted(refs)
+    load_slices_cached(refs_counted, 32, True, "labeled", cache)
+    load_slices_cached(refs, 24, True, "labeled", cache)
+
+    # Assert: the 32 px set was read from its file; the 16 px set, the least recently used, is gone
+    assert calls == []
+    assert at32.exists() and not at16.exists() and len(list(cache.glob("*.pt"))) == 2
