@@ -10,10 +10,13 @@ pair, the median ratio and its spread; the SAM decoder's forward and backward ar
 step decodes only the prompts that exist (``SamGuidance.skip_invalid``), so the prompts it decoded
 are counted: on the phantom about a third of the pseudo-label prompts exist, which real data need
 not match (docs/performance_log.md); ``--decode all`` decodes every prompt, as a GPU does, which
-bounds real data from above.
+bounds real data from above. ``--run`` replaces the phantom with a trained run's real data and
+U-Net (its ``best.pt`` in both trainers): the joint steps then prompt SAM from a trained network's
+confident predictions on real slices (``--pool`` slices of each set, spread evenly over it).
 
     python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
-        [--amp fp32] [--decode valid] [--allocator auto] [--out runs/step_ab.json]
+        [--amp fp32] [--decode valid] [--run RUN_DIR [--pool 16] [--sam-cache DIR]]
+        [--allocator auto] [--out runs/step_ab.json]
 """
 
 from __future__ import annotations
@@ -34,14 +37,45 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 from benchmarks.bench_step import PassCounter, make_config, make_data  # noqa: E402
 from benchmarks.step_cost import synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
-from samatch.engine import Trainer  # noqa: E402
+from samatch.config import TrainConfig  # noqa: E402
+from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
+from samatch.engine import Trainer, load_run_model  # noqa: E402
 
 CPU = torch.device("cpu")
 
 
-def trainer_for(method: str, size: int, batch: int, amp: str) -> Trainer:
-    cfg = make_config(method, size, batch, "cpu", amp)
-    trainer = Trainer(cfg, make_data(cfg, pool=batch))
+def spread(s: SliceSet, pool: int) -> SliceSet:
+    """``pool`` slices of ``s`` spread evenly over it (its patients, their bases to their apices)."""
+    idx = torch.linspace(0, len(s) - 1, min(pool, len(s))).round().long().unique()
+    labels = None if s.labels is None else s.labels[idx]
+    return SliceSet(s.images[idx], labels, [s.patient_ids[i] for i in idx.tolist()])
+
+
+def run_data(cfg: TrainConfig, run: Path, pool: int) -> TrainData:
+    """``cfg`` given the data and U-Net settings of the trained run in ``run`` (its config.json) ->
+    ``pool`` slices of each of the run's labeled and unlabeled sets."""
+    trained = TrainConfig.load(run / "config.json")
+    cfg.data, cfg.model = trained.data, trained.model
+    cfg.data.max_val_cases = 1
+    if cfg.model.num_classes != 4:  # sam.enclosed "2>3" is the cardiac layout (myocardium around the LV)
+        cfg.sam.enclosed = ""
+    data = build_train_data(cfg)
+    if data.unlabeled is None:
+        raise SystemExit(f"{run}: the run's data have no unlabeled slices (data.max_unlabeled)")
+    return TrainData(
+        spread(data.labeled, pool), spread(data.unlabeled, pool), [], data.num_classes, data.class_names
+    )
+
+
+def trainer_for(
+    method: str, size: int, batch: int, amp: str, run: Path | None = None, pool: int = 16, sam_cache: str = ""
+) -> Trainer:
+    """A trainer of ``method`` on the phantom, or on the trained run ``run``'s data with its U-Net."""
+    cfg = make_config(method, size, batch, "cpu", amp, settings={"sam.cache_dir": sam_cache})
+    trainer = Trainer(cfg, make_data(cfg, pool=batch) if run is None else run_data(cfg, run, pool))
+    if run is not None:
+        _, model, _ = load_run_model(run, "best", "cpu")
+        trainer.model.load_state_dict(model.state_dict())
     if method == "samatch":
         trainer.iteration = trainer.method.joint_start()  # past warm-up: the joint step
     return trainer
@@ -66,7 +100,9 @@ def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument(
+        "--size", type=int, default=None, help="slice size (default 256; with --run the run's)"
+    )
     parser.add_argument("--pairs", type=int, default=6, help="timed (UniMatch, joint) pairs")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -78,13 +114,31 @@ def main(argv: list[str] | None = None) -> int:
         help="valid: decode only the prompts that exist (the CPU default); all: every prompt, as a GPU"
         " does and as real data nearly does (a class is present in 67-96%% of slices)",
     )
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        help="a trained run folder (samatch train): its data and its U-Net (best.pt) instead of the phantom",
+    )
+    parser.add_argument("--pool", type=int, default=16, help="with --run: slices per labeled / unlabeled set")
+    parser.add_argument(
+        "--sam-cache", default="", help="sam.cache_dir: keep the pool's SAM embeddings here (reused)"
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
+    if args.run is not None and not (args.run / "config.json").is_file():
+        parser.error(f"--run {args.run}: no config.json there (is it a run folder?)")
     allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainers = {m: trainer_for(m, args.size, args.batch, args.amp) for m in ("unimatch", "samatch")}
+    trainers = {
+        m: trainer_for(m, args.size or 256, args.batch, args.amp, args.run, args.pool, args.sam_cache)
+        for m in ("unimatch", "samatch")
+    }
+    size = trainers["samatch"].cfg.data.size
+    if args.size is not None and size != args.size:
+        raise SystemExit(f"--size {args.size}: the run in {args.run} was trained at {size}")
     trainers["samatch"].method.guide.skip_invalid = args.decode == "valid"
     for _ in range(args.warmup):
         for trainer in trainers.values():
@@ -108,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode_fwd_bwd_s_median": statistics.median(decode),
         "prompts_decoded_per_step": counter.prompts / args.pairs,
         "prompts_per_step": prompts,
+        "size": size,
+        "data": "phantom" if args.run is None else f"{args.run} ({trainers['samatch'].cfg.data.format})",
     }
     print(
         f"joint / UniMatch: median {summary['ratio_median']:.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f})"
@@ -121,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "allocator": allocator.describe(),
-        "settings": vars(args) | {"out": str(args.out)},
+        "settings": vars(args) | {"out": str(args.out), "run": args.run and str(args.run)},
         "pairs": pairs,
         "decode_fwd_bwd_s": decode,
         "summary": summary,

@@ -114,7 +114,11 @@ def write_h5(path: Path, image: np.ndarray, label: np.ndarray) -> Path:
 @pytest.fixture
 def tiny_acdc_h5(tmp_path: Path) -> Path:
     """acdc-h5 folder: 5 train slices of 3 patients, 1 val volume (2, 6, 5); no test.list."""
-    root = tmp_path / "ACDC"
+    return write_tiny_acdc_h5(tmp_path / "ACDC")
+
+
+def write_tiny_acdc_h5(root: Path) -> Path:
+    """The :func:`tiny_acdc_h5` folder at ``root`` (for fixtures of a wider scope)."""
     for i, name in enumerate(TINY_TRAIN):
         write_h5(root / "data" / "slices" / f"{name}.h5", *tiny_slice(i))
     image, label = tiny_slice(99)

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import write_tiny_acdc_h5
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,6 +87,76 @@ def test_step_ab_pairs_and_summary(tmp_path, decode):
     else:
         assert 0 < result["summary"]["prompts_decoded_per_step"] <= 12
     assert result["settings"]["decode"] == decode
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A supervised run on the tiny ACDC folder (1 labeled patient, 64 px, 2 iterations)."""
+    from samatch.cli import main as samatch_main
+
+    folder = tmp_path_factory.mktemp("tiny_run")
+    run, data = folder / "run", write_tiny_acdc_h5(folder / "ACDC")
+    argv = ["train", "--method", "supervised", "--data", str(data), "--format", "acdc-h5"]
+    argv += ["--labeled", "1", "--out", str(run), "--iterations", "2", "--device", "cpu", "--quiet"]
+    for s in ("data.size=64", "model.base_channels=4", "schedule.batch_size=2"):
+        argv += ["--set", s]
+    assert samatch_main(argv) == 0 and (run / "best.pt").is_file()
+    return run
+
+
+def test_a_trained_run_gives_its_real_slices_and_its_unet(tiny_run):
+    # Setup
+    from benchmarks.step_ab import trainer_for
+    from samatch.engine import load_run_model
+
+    # Execute: the UniMatch side of the pairs (no SAM), 3 slices per set asked for
+    trainer = trainer_for("unimatch", 256, 2, "fp32", tiny_run, pool=3)
+
+    # Assert: the run's size and U-Net; the tiny folder's labeled patient (002: 3 slices over two
+    # frames, pool 3 takes all) and its 2 unlabeled slices (patients 001 and 004)
+    _, model, _ = load_run_model(tiny_run, "best", "cpu")
+    assert trainer.cfg.data.size == 64 and trainer.cfg.model.base_channels == 4
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert trainer.data.labeled.patient_ids == ["patient002"] * 3
+    assert trainer.data.unlabeled.patient_ids == ["patient001", "patient004"]
+    assert trainer.data.labeled.images.shape[-1] == 64 and trainer.data.labeled.labels is not None
+
+
+def test_spread_takes_slices_evenly_over_the_set():
+    # Setup: 10 slices whose pixels hold their index
+    from benchmarks.step_ab import spread
+    from samatch.data import SliceSet
+
+    s = SliceSet(torch.arange(10.0).view(10, 1, 1, 1), None, [f"p{i // 4}" for i in range(10)])
+
+    # Execute / Assert: 4 of 10 -> indices round(0, 3, 6, 9); more than there are -> all
+    four = spread(s, 4)
+    assert four.images.flatten().tolist() == [0.0, 3.0, 6.0, 9.0] and four.patient_ids == [
+        "p0",
+        "p0",
+        "p1",
+        "p2",
+    ]
+    assert len(spread(s, 50)) == 10
+
+
+def test_step_ab_on_a_trained_run(tmp_path, tiny_run):
+    # Execute: one pair on the run's data, every prompt decoded
+    out = tmp_path / "ab.json"
+    argv = ["--run", str(tiny_run), "--pool", "3", "--batch", "2", "--pairs", "1", "--warmup", "0"]
+    argv += ["--decode", "all", "--threads", "1", "--out", str(out)]
+    proc = run_script("step_ab.py", *argv, cwd=tmp_path, timeout=600)
+
+    # Assert: the run's size and data named; 2 x 2 images x 3 classes decoded
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["size"] == 64 and summary["data"] == f"{tiny_run} (acdc-h5)"
+    assert summary["prompts_decoded_per_step"] == summary["prompts_per_step"] == 12
+
+    # And a size other than the run's is refused
+    bad = run_script("step_ab.py", "--run", str(tiny_run), "--size", "128", cwd=tmp_path, timeout=300)
+    assert bad.returncode != 0 and "trained at 64" in bad.stderr
 
 
 def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):
