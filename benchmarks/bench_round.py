@@ -270,8 +270,12 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
         timeout=timeout,
         threads=1,
         runtime=RuntimeSettings(poll_interval=case.poll_s, reply_check=case.reply_s, warm=case.warm),
+        sites_from=scale.sites_from,
+        sites_root=scale.sites_root,
+        # Real sites encode their slices for SAM in the first message: minutes on this CPU.
+        round_timeout=timeout if scale.sites_from else RehearsalConfig.round_timeout,
     )
-    # The rehearsal's own data (phantom patients as NIfTI files) and settings, then ours.
+    # The rehearsal's own data (phantom patients as NIfTI files, or the manifest's) and settings, then ours.
     overrides = scale.run_config(case)
     rehearsal = Rehearsal(workdir / "deploy", cfg)
     rehearsal.procs.env[pull_retry.ENV] = f"{case.pull_retry_s:g}"  # every process the rehearsal starts
@@ -288,12 +292,14 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
     # The site's folder as its SuperNode had it by default (deploy.cli.site_state_dir): the probe then
     # finds the SAM embeddings that the run cached, as the run's later messages did.
     state = site_state_dir("", str(rehearsal.site_homes[site]))
+    spec = rehearsal.site_specs[site]
     node = {
-        "data-root": str(rehearsal.data_roots[site]),
-        "data-format": "nifti",
+        "data-root": spec.data_root,
+        "data-format": spec.data_format,
         "site-name": site,
         "state-dir": state,
     }
+    node.update({k: v for k, v in (("splits-file", spec.splits_file), ("label-map", spec.label_map)) if v})
     return {
         "rounds": results_rounds(outcome.results, waves=1),
         "run_seconds": total,
@@ -574,6 +580,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local-iterations", type=int, default=None, help="steps per round (2; quick 1)")
     parser.add_argument("--size", type=int, default=32, help="data.size of the sites' slices")
     parser.add_argument("--base-channels", type=int, default=16, help="U-Net width (16: the real one)")
+    parser.add_argument(
+        "--max-unlabeled", type=int, default=4, help="data.max_unlabeled: unlabeled slices per site"
+    )
+    parser.add_argument(
+        "--sites-from",
+        default="",
+        help="deploy only: the sites' real data from this partition manifest (simulations/partition.py)",
+    )
+    parser.add_argument("--sites-root", default="", help="with --sites-from: the dataset's folder here")
     parser.add_argument("--repeat", type=int, default=None, help="payload timing repeats (5; quick 1)")
     parser.add_argument("--timeout", type=float, default=900.0, help="bound on one flwr-run / deploy run")
     parser.add_argument(
@@ -590,6 +605,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not engines or any(e not in ENGINES for e in engines):
         parser.error(f"--engines: expected some of {ENGINES}, got {args.engines!r}")
     args.engines = ["inprocess"] if args.quick else engines
+    if args.sites_from and args.engines != ["deploy"]:
+        parser.error("--sites-from: real sites are rehearsed by the deploy engine only (--engines deploy)")
+    if args.sites_from and not Path(args.sites_from).is_file():
+        parser.error(f"--sites-from {args.sites_from}: no such manifest file")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if any(m not in METHODS for m in args.methods):
         parser.error(f"--methods: expected some of {list(METHODS)}, got {args.methods!r}")
@@ -603,7 +622,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    scale = Scale(args.sites, args.rounds, args.local_iterations, args.size, args.base_channels)
+    scale = Scale(
+        args.sites,
+        args.rounds,
+        args.local_iterations,
+        args.size,
+        args.base_channels,
+        max_unlabeled=args.max_unlabeled,
+        sites_from=args.sites_from,
+        sites_root=args.sites_root,
+    )
     cases = select_cases(args.engines, args.quick, args.methods, args.only)
     result = {
         "benchmark": "federation_round",

@@ -95,6 +95,9 @@ class Scale:
     base_channels: int = 16
     batch: int = 2
     max_unlabeled: int = 4
+    # deploy only: the sites' real data from a partition manifest (deploy.rehearsal), not phantoms
+    sites_from: str = ""
+    sites_root: str = ""
 
     def run_config(self, case: Case) -> dict[str, object]:
         return {

@@ -2,10 +2,11 @@
 
 One SuperLink (TLS with a fresh private CA, SuperNode authentication, a state database) and N
 SuperNodes, each with its own key, its own FLWR_HOME and its own data folder (phantom patients
-written as an nnU-Net NIfTI dataset), run a short federation to the end; then every process started
-is stopped (:class:`deploy.procs.ProcessSet`). Every step is a ``python -m deploy ...`` command, the
-same ones docs/deployment.md gives a hospital IT team; they are printed and kept in
-``<dir>/commands.txt``. The fault tests drive the same class and inject their fault in between.
+written as an nnU-Net NIfTI dataset; or, with ``sites_from``, a real dataset read in place through
+each site's splits file of a partition manifest), run a short federation to the end; then every
+process started is stopped (:class:`deploy.procs.ProcessSet`). Every step is a ``python -m deploy
+...`` command, the same ones docs/deployment.md gives a hospital IT team; they are printed and kept
+in ``<dir>/commands.txt``. The fault tests drive the same class and inject their fault in between.
 """
 
 from __future__ import annotations
@@ -21,12 +22,21 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.commands import REPO, flower_env, run_config_arg
+from deploy.commands import REPO, SiteSpec, flower_env, run_config_arg
 from deploy.node import RuntimeSettings
 from deploy.pki import PkiLayout
 from deploy.procs import Managed, ProcessSet
 
 CONNECTION = "rehearsal"
+
+
+def dataset_classes(spec: SiteSpec) -> int:
+    """The number of classes (background included) of a site's dataset, from its reader."""
+    from samatch.config import DataConfig
+    from samatch.data import open_reader
+
+    cfg = DataConfig(root=spec.data_root, format=spec.data_format, label_map=spec.label_map)
+    return open_reader(cfg).num_classes
 
 
 def free_port() -> int:
@@ -57,6 +67,37 @@ class RehearsalConfig:
     # The deployment's plumbing, not the method, is rehearsed: UniMatch, whatever the app's default
     # (SAM-Match costs seconds per step and per encoded slice in every fresh ClientApp process here).
     method: str = "unimatch"
+    # A partition manifest (simulations/partition.py): its first `sites` sites' data, read in place
+    # (the dataset's folder and each site's splits file), instead of phantom folders; `sites_root`:
+    # the same dataset in another folder than the manifest's.
+    sites_from: str = ""
+    sites_root: str = ""
+
+    def site_data(self, root: Path, sites: list[str]) -> dict[str, SiteSpec]:
+        """Each site's data: phantom NIfTI folders under ``root``, or the manifest's sites."""
+        if not self.sites_from:
+            return {
+                s: SiteSpec(s, str(root / "sites" / s / "data"), "nifti", index=i)
+                for i, s in enumerate(sites)
+            }
+        path = Path(self.sites_from).resolve()
+        try:
+            manifest = json.loads(path.read_text())
+            entries, data_root, fmt = (
+                manifest["sites"],
+                self.sites_root or manifest["root"],
+                manifest["format"],
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a partition manifest ({err})") from None
+        if len(entries) < len(sites):
+            raise ValueError(f"{path}: {len(entries)} sites, the rehearsal needs {len(sites)}")
+        return {
+            s: SiteSpec(
+                s, data_root, fmt, manifest.get("label_map", ""), str(path.parent / e["splits_file"]), i
+            )
+            for i, (s, e) in enumerate(zip(sites, entries, strict=False))
+        }
 
     def run_config(self) -> dict[str, object]:
         return {
@@ -71,8 +112,7 @@ class RehearsalConfig:
             "round-timeout": self.round_timeout,
             "evaluate-every": self.evaluate_every,
             "aggregation": self.aggregation,
-            "data.format": "nifti",
-            "model.num_classes": 4,
+            "model.num_classes": 4,  # the cardiac phantom's; a manifest's dataset: start_run's
             "data.size": self.size,
             "model.base_channels": self.base_channels,
             "schedule.batch_size": 4,
@@ -109,7 +149,8 @@ class Rehearsal:
         self.address = f"127.0.0.1:{self.port}"
         self.sites = [f"hospital{chr(ord('A') + i)}" for i in range(self.cfg.sites)]
         self.runtime_ports = {site: free_port() for site in self.sites}
-        self.data_roots = {site: self.root / "sites" / site / "data" for site in self.sites}
+        self.site_specs = self.cfg.site_data(self.root, self.sites)
+        self.data_roots = {site: Path(spec.data_root) for site, spec in self.site_specs.items()}
         self.site_homes = {site: self.root / "sites" / site / "flwr-home" for site in self.sites}
         self.node_ids: dict[str, int] = {}
         self.procs = ProcessSet(self.root / "logs", env=flower_env())
@@ -153,8 +194,9 @@ class Rehearsal:
         from deploy.sitedata import write_phantom_site
 
         self.root.mkdir(parents=True, exist_ok=True)
-        for i, site in enumerate(self.sites):
-            write_phantom_site(self.data_roots[site], i, size=self.cfg.size)
+        if not self.cfg.sites_from:
+            for i, site in enumerate(self.sites):
+                write_phantom_site(self.data_roots[site], i, size=self.cfg.size)
         self.deploy("certs", "--pki", str(self.pki.root), "--host", "127.0.0.1", "--host", "localhost")
         for site in self.sites:  # at each site; only node.pub travels to the coordinator
             self.deploy("site-key", "--pki", str(self.pki.root), "--site", site)
@@ -218,7 +260,10 @@ class Rehearsal:
         return self.node_ids[site]
 
     def supernode_args(self, site: str, data_root: Path | None = None) -> list[str]:
-        i = self.sites.index(site)
+        spec = self.site_specs[site]
+        data = [
+            f"--{k}={v}" for k, v in (("label-map", spec.label_map), ("splits-file", spec.splits_file)) if v
+        ]
         return [
             "supernode",
             "--superlink",
@@ -232,9 +277,10 @@ class Rehearsal:
             "--data-root",
             str(data_root or self.data_roots[site]),
             "--data-format",
-            "nifti",
+            spec.data_format,
+            *data,
             "--site-index",
-            str(i),
+            str(spec.index),
             "--runtime-port",
             str(self.runtime_ports[site]),
             "--threads",
@@ -268,7 +314,11 @@ class Rehearsal:
         return self.procs.procs[name].log_text().count("SuperNode ID:") if name in self.procs.procs else 0
 
     def start_run(self, **overrides: object) -> Managed:
-        settings = {**self.cfg.run_config(), **overrides}
+        spec = self.site_specs[self.sites[0]]
+        data = {"data.format": spec.data_format}
+        if self.cfg.sites_from:  # the dataset's classes (the server builds the model before any site reads)
+            data["model.num_classes"] = dataset_classes(spec)
+        settings = {**self.cfg.run_config(), **data, **overrides}
         return self.start(
             "run",
             "run",
