@@ -64,7 +64,11 @@ def _session(context: Context, evaluate_only: bool = False):
     try:
         return get_session(site, cfg, evaluate_only), fed
     except SITE_ERRORS as exc:
-        raise SiteDataError(f"site {site.name}: cannot load its data: {exc}") from exc
+        raise site_data_error(site.name, exc) from exc
+
+
+def site_data_error(site: str, exc: Exception) -> SiteDataError:
+    return SiteDataError(f"site {site}: cannot load its data: {exc}")
 
 
 def _local_state(context: Context) -> dict[str, torch.Tensor]:
@@ -114,7 +118,10 @@ def train(msg: Message, context: Context) -> Message:
         local = saved or {}
     evaluation = None
     if msg.content["config"].get(EVALUATE_FIRST):  # evaluate-then-train: this round's state, untrained
-        evaluation = _evaluation(session, global_state, local)
+        try:
+            evaluation = _evaluation(session, global_state, local)
+        except SiteDataError as exc:
+            return _error_reply(msg, exc)
     state, metrics = train_round(session, global_state, local, server_round, fed)
     if fed.fedbn:  # kept on the site, in fp32 whatever the transport
         keys = sorted(batchnorm_keys(session.trainer.method))
@@ -141,9 +148,13 @@ def train(msg: Message, context: Context) -> Message:
 
 def _evaluation(session, global_state: dict, local: dict) -> dict[str, float]:
     """Validation Dice of ``global_state`` (with the site's own tensors ``local``) and the reply's
-    seconds and count."""
+    seconds and count. The first evaluation of a session reads the validation volumes (a site's
+    session reads them on first use): SiteDataError when they cannot be read."""
     t0 = time.perf_counter()
-    dice = evaluate_round(session, global_state, local)
+    try:
+        dice = evaluate_round(session, global_state, local)
+    except SITE_ERRORS as exc:
+        raise site_data_error(session.site.name, exc) from exc
     seconds = time.perf_counter() - t0  # like train-seconds: lets a round's overhead be told from compute
     return {**dice, "evaluate-seconds": seconds, "num-examples": len(session.trainer.data.val)}
 
@@ -159,5 +170,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         kept_global.keep(context, arrays, str(msg.content["config"][kept_global.KEEP]))
     arrays = from_record(unpack_record(arrays)) if arrays is not None else {}
     global_state = from_wire(arrays, session.site.task, fed.share_adapters)
-    metrics = _evaluation(session, global_state, _local_state(context))
+    try:
+        metrics = _evaluation(session, global_state, _local_state(context))
+    except SiteDataError as exc:
+        return _error_reply(msg, exc)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_acdc_h5
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from clients.client_app import app as client_app
@@ -378,6 +379,34 @@ def test_site_with_missing_folder_replies_with_error_and_others_continue(tmp_pat
     rounds = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
     assert [r["train-sites"]["accepted"] for r in rounds] == [[100], [100]]
     assert all(reason in r["train-sites"]["failed"]["101"] for r in rounds)
+
+
+def test_site_with_an_unreadable_validation_file_replies_with_error_and_others_continue(tmp_path):
+    # Prepare: site 0 is a phantom hospital; site 1's training slices are fine, its one validation
+    # volume is cut short (read on the first evaluation, not when the site's session is built)
+    clear_sessions()
+    root = write_tiny_acdc_h5(tmp_path / "ACDC")
+    broken = root / "data" / "patient003_frame01.h5"
+    broken.write_bytes(broken.read_bytes()[:100])
+    nodes = [
+        {"data-root": "0", "data-format": "phantom-cardiac", "site-name": "good", "site-index": 0},
+        {"data-root": str(root), "data-format": "acdc-h5", "site-name": "bad", "site-index": 1},
+    ]
+    run_config = {**TINY, "data.labeled": 1, "out-dir": str(tmp_path / "run"), "min-available-nodes": 2}
+    run_config.update({"min-train-nodes": 1, "min-evaluate-nodes": 1})
+
+    # Execute
+    grid = run_inprocess(server_app, client_app, run_config, nodes)
+
+    # Assert: the run completed; site 1 trained, and each of its evaluations is an error naming the
+    # site and the file
+    bad = [m for node, m in grid.sent if node == 101]
+    errors = [m.error.reason for m in bad if m.has_error()]
+    assert errors and all(r.startswith(f"site bad: cannot load its data: {broken}: ") for r in errors)
+    assert any(not m.has_error() for m in bad)  # its train replies
+    rounds = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    assert len(rounds) == TINY["num-server-rounds"]
+    assert all(r["evaluate-sites"]["accepted"] == [100] for r in rounds)
 
 
 def test_resume_auto_continues_and_refuses_other_settings(tmp_path):
