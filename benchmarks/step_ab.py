@@ -38,7 +38,7 @@ from benchmarks.bench_step import PassCounter, make_config, make_data  # noqa: E
 from benchmarks.step_cost import synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import TrainConfig  # noqa: E402
-from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
+from samatch.data import SliceSet, TrainData, build_train_data, open_reader  # noqa: E402
 from samatch.engine import Trainer, load_run_model  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -56,10 +56,14 @@ def run_data(cfg: TrainConfig, run: Path, pool: int) -> TrainData:
     ``pool`` slices of each of the run's labeled and unlabeled sets."""
     trained = TrainConfig.load(run / "config.json")
     cfg.data, cfg.model = trained.data, trained.model
-    cfg.data.max_val_cases = 1
     if cfg.model.num_classes != 4:  # sam.enclosed "2>3" is the cardiac layout (myocardium around the LV)
         cfg.sam.enclosed = ""
-    data = build_train_data(cfg)
+    if not cfg.data.format.startswith("phantom-") and not Path(cfg.data.root).is_dir():
+        raise SystemExit(
+            f"{run}: the run's data folder {cfg.data.root!r} is not found from {Path.cwd()} (a relative"
+            " path is relative to where the run was trained: run this there)"
+        )
+    data = build_train_data(cfg, lazy_val=True)  # the validation volumes are not used
     if data.unlabeled is None:
         raise SystemExit(f"{run}: the run's data have no unlabeled slices (data.max_unlabeled)")
     return TrainData(
@@ -127,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
-    if args.run is not None and not (args.run / "config.json").is_file():
-        parser.error(f"--run {args.run}: no config.json there (is it a run folder?)")
+    if args.run is not None:
+        if not (args.run / "config.json").is_file():
+            parser.error(f"--run {args.run}: no config.json there (is it a run folder?)")
+        trained_size = TrainConfig.load(args.run / "config.json").data.size
+        if args.size is not None and args.size != trained_size:
+            parser.error(f"--size {args.size}: the run in {args.run} was trained at {trained_size}")
     allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         for m in ("unimatch", "samatch")
     }
     size = trainers["samatch"].cfg.data.size
-    if args.size is not None and size != args.size:
-        raise SystemExit(f"--size {args.size}: the run in {args.run} was trained at {size}")
     trainers["samatch"].method.guide.skip_invalid = args.decode == "valid"
     for _ in range(args.warmup):
         for trainer in trainers.values():
@@ -163,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         "prompts_decoded_per_step": counter.prompts / args.pairs,
         "prompts_per_step": prompts,
         "size": size,
-        "data": "phantom" if args.run is None else f"{args.run} ({trainers['samatch'].cfg.data.format})",
+        "data": "phantom"
+        if args.run is None
+        else f"{args.run} ({open_reader(trainers['samatch'].cfg.data).name})",
     }
     print(
         f"joint / UniMatch: median {summary['ratio_median']:.2f} (min {ratios[0]:.2f}, max {ratios[-1]:.2f})"

@@ -104,14 +104,14 @@ def load_slices_cached(
     cache_dir: str | os.PathLike,
     reading: str = "",
 ) -> SliceSet:
-    """:func:`load_slices`, kept in ``cache_dir/<slices_key>.pt``: read from there when that file is
+    """:func:`load_slices`, kept in ``cache_dir/sets/<slices_key>.pt``: read from there when that file is
     readable (its tensors mapped, not copied), else prepared and saved (an unreadable file is replaced).
     Cases that are not files (:func:`slices_key` None) are not cached. Each new key adds a file, and
     the folder keeps the most recently used (:func:`samatch.filecache.keep_set`)."""
     key = slices_key(refs, size, with_labels, reading) if refs else None
     if key is None:
         return load_slices(refs, size, with_labels, desc)
-    path = Path(cache_dir) / f"{key}.pt"
+    path = Path(cache_dir) / "sets" / f"{key}.pt"
     kept = load_or_none(path, mmap=True, mark_used=True)
     if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
         return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))

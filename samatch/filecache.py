@@ -6,13 +6,16 @@ half-written file, and a file that cannot be read counts as missing and is prepa
 
 Set files (one per prepared slice set, per set of embeddings) are derived from files that stay, and
 every new grouping of a site's slices (another split, another ``max_unlabeled``, a changed case file)
-adds one, so their folders are pruned: :func:`keep_set` leaves the :data:`KEEP_SETS` most recently
-used (written, or read with ``mark_used``), and a set pruned is prepared again when next asked for.
+adds one, so their folder (``sets/`` in each cache folder) is pruned: :func:`keep_set` leaves the
+:data:`KEEP_SETS` most recently used (written, or read with ``mark_used``), and a set pruned is
+prepared again when next asked for. Only files named as the caches name them (a 32-digit hex key)
+are ever deleted, so a folder shared with other files loses none of them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -20,7 +23,10 @@ from typing import Any
 
 import torch
 
-KEEP_SETS = 8  # set files kept per folder, the most recently used
+# Set files kept per folder, the most recently used: the labeled and unlabeled sets of 12 sites, as
+# when a simulation's sites share one folder (runs/sam_cache).
+KEEP_SETS = 24
+SET_NAME = re.compile(r"[0-9a-f]{32}\.pt")  # <key>.pt: what prune may delete
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -51,7 +57,7 @@ def keep(obj: Any, path: Path) -> bool:
 
 
 def keep_set(obj: Any, path: Path) -> bool:
-    """:func:`keep` a set file, then remove all but the :data:`KEEP_SETS` most recently used ``*.pt``
+    """:func:`keep` a set file, then remove all but the :data:`KEEP_SETS` most recently used set
     files of its folder (:func:`prune`; the new one stays). True when saved."""
     saved = keep(obj, path)
     if saved:
@@ -60,9 +66,10 @@ def keep_set(obj: Any, path: Path) -> bool:
 
 
 def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Path]:
-    """Delete the ``*.pt`` files directly in ``folder`` but the ``keep_newest`` most recently
-    modified and ``spare``; returns those deleted. A file that another process has mapped stays
-    readable to it (POSIX), and one that vanishes meanwhile or cannot be deleted is passed over."""
+    """Delete the set files (``<32 hex digits>.pt``) directly in ``folder`` but the ``keep_newest``
+    most recently modified and ``spare``; returns those deleted. Other files are never touched. A
+    file that another process has mapped stays readable to it (POSIX), and one that vanishes
+    meanwhile or cannot be deleted is passed over."""
 
     def modified(p: Path) -> float:
         try:
@@ -70,7 +77,8 @@ def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Pat
         except OSError:
             return float("inf")  # gone already: nothing to delete
 
-    files = sorted((p for p in folder.glob("*.pt") if p != spare), key=modified, reverse=True)
+    sets = (p for p in folder.glob("*.pt") if SET_NAME.fullmatch(p.name) and p != spare)
+    files = sorted(sets, key=modified, reverse=True)
     removed = []
     for p in files[max(0, keep_newest - (spare is not None)) :]:
         try:

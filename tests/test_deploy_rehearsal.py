@@ -112,9 +112,9 @@ def test_rehearsal_command_runs_a_secure_federation_to_the_end(tmp_path):
         assert started >= 2 and forked == started, (site, started, forked)
         assert "Traceback" not in node_log, (site, node_log[-3000:])  # each ended cleanly
         # the site's prepared slices, kept in its state folder for the next message's ClientApp
-        assert list((tmp_path / "sites" / site / "flwr-home" / "fedsamatch-site" / "slices").glob("*.pt")), (
-            site
-        )
+        assert list(
+            (tmp_path / "sites" / site / "flwr-home" / "fedsamatch-site" / "slices").glob("sets/*.pt")
+        ), site
         if on_mimalloc:  # every message's ClientApp process inherited the SuperNode's preloaded allocator
             assert "host allocator: mimalloc (freed pages kept)" in node_log, site
             assert "host allocator: the system" not in node_log, site

@@ -140,7 +140,7 @@ def test_set_files_are_pruned_and_slice_files_kept(tmp_path, monkeypatch):
     encoder = CountingEncoder()
     store = EmbeddingStore(tmp_path, encoder)
 
-    # Execute: two groupings of three slices, then the first again
+    # Execute: two groupings of two slices (three slices in all), then the first again
     store.get_or_compute(images_with_means(0.1, 0.2), encoder)
     store.get_or_compute(images_with_means(0.2, 0.3), encoder)
     again = store.get_or_compute(images_with_means(0.1, 0.2), encoder)

@@ -36,26 +36,36 @@ def test_keep_warns_and_leaves_nothing_when_the_disk_is_full(tmp_path, monkeypat
     assert not saved and not list(tmp_path.iterdir())
 
 
+def named(letter: str) -> str:
+    """The set file name of key ``letter`` x 32 (a hex digit, so a name the caches give)."""
+    return f"{letter * 32}.pt"
+
+
 def files_with_mtimes(folder, **mtimes):
-    """Empty ``<name>.pt`` files in ``folder`` with the given modification times (seconds)."""
-    for name, t in mtimes.items():
-        path = folder / f"{name}.pt"
+    """Set files ``named(letter)`` in ``folder`` with the given modification times (seconds)."""
+    for letter, t in mtimes.items():
+        path = folder / named(letter)
         torch.save(torch.zeros(1), path)
         os.utime(path, (t, t))
 
 
 def test_prune_keeps_the_most_recently_modified_set_files(tmp_path):
-    # Setup: five set files, a the oldest; a writer's temporary file and a note beside them
+    # Setup: five set files, a the oldest; a writer's temporary file, a note, and two older .pt
+    # files not named as sets (a checkpoint; a key one digit short)
     files_with_mtimes(tmp_path, a=100, b=200, c=300, d=400, e=500)
     (tmp_path / "x.tmp").write_bytes(b"half")
     (tmp_path / "notes.txt").write_text("kept")
+    for foreign in ("best.pt", f"{'0' * 31}.pt"):
+        torch.save(torch.zeros(1), tmp_path / foreign)
+        os.utime(tmp_path / foreign, (50, 50))
 
     # Execute
     removed = filecache.prune(tmp_path, 2)
 
-    # Assert: a, b, c gone; d and e, the temporary file and the note left
-    assert sorted(p.name for p in removed) == ["a.pt", "b.pt", "c.pt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pt", "e.pt", "notes.txt", "x.tmp"]
+    # Assert: a, b, c gone; d and e, and every file not named as a set, left
+    assert sorted(p.name for p in removed) == [named("a"), named("b"), named("c")]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([named("d"), named("e"), "best.pt", f"{'0' * 31}.pt", "notes.txt", "x.tmp"])
 
 
 def test_prune_spares_the_file_just_written_within_the_count(tmp_path):
@@ -63,10 +73,10 @@ def test_prune_spares_the_file_just_written_within_the_count(tmp_path):
     files_with_mtimes(tmp_path, a=100, b=200, c=300)
 
     # Execute: keep 2, sparing a
-    filecache.prune(tmp_path, 2, spare=tmp_path / "a.pt")
+    filecache.prune(tmp_path, 2, spare=tmp_path / named("a"))
 
     # Assert: a and the newest other (c) left, 2 in all
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "c.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [named("a"), named("c")]
 
 
 def test_a_set_read_with_mark_used_outlives_older_ones(tmp_path, monkeypatch):
@@ -74,12 +84,12 @@ def test_a_set_read_with_mark_used_outlives_older_ones(tmp_path, monkeypatch):
     files_with_mtimes(tmp_path, a=100, b=200, c=300)
     monkeypatch.setattr(filecache, "KEEP_SETS", 2)
 
-    # Execute: b read without marking, a read and marked, then a new set kept
-    assert filecache.load_or_none(tmp_path / "b.pt") is not None
-    assert filecache.load_or_none(tmp_path / "a.pt", mark_used=True) is not None
-    assert (tmp_path / "b.pt").stat().st_mtime == 200
-    saved = filecache.keep_set(torch.ones(2), tmp_path / "new.pt")
+    # Execute: b read without marking, a read and marked, then a new set (f) kept
+    assert filecache.load_or_none(tmp_path / named("b")) is not None
+    assert filecache.load_or_none(tmp_path / named("a"), mark_used=True) is not None
+    assert (tmp_path / named("b")).stat().st_mtime == 200
+    saved = filecache.keep_set(torch.ones(2), tmp_path / named("f"))
 
-    # Assert: b untouched (200), a marked now; the new set and a stay, b and c go
-    assert saved and (tmp_path / "a.pt").stat().st_mtime > 1e9
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "new.pt"]
+    # Assert: a marked now; the new set and a stay, b and c go
+    assert saved and (tmp_path / named("a")).stat().st_mtime > 1e9
+    assert sorted(p.name for p in tmp_path.iterdir()) == [named("a"), named("f")]

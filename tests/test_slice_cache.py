@@ -66,7 +66,7 @@ def test_second_load_reads_the_kept_file_not_the_cases(tiny_acdc_h5, tmp_path):
     assert_same(first, load_slices(refs, 32, True))
     assert_same(second, first)
     assert unlabeled.labels is None and torch.equal(unlabeled.images, first.images)
-    assert len(list(cache.glob("*.pt"))) == 2 and not list(cache.glob("*.tmp"))
+    assert len(list(cache.glob("sets/*.pt"))) == 2 and not list(cache.glob("*.tmp"))
 
 
 def test_another_reading_of_the_same_files_is_kept_apart(tiny_acdc_h5, tmp_path):
@@ -80,7 +80,7 @@ def test_another_reading_of_the_same_files_is_kept_apart(tiny_acdc_h5, tmp_path)
     other_size = load_slices_cached(refs, 48, True, "labeled", cache, reading='["acdc-h5", ""]')
 
     # Assert: each prepared from the cases, three files
-    assert len(calls) == 15 and len(list(cache.glob("*.pt"))) == 3
+    assert len(calls) == 15 and len(list(cache.glob("sets/*.pt"))) == 3
     assert other_size.images.shape[-1] == 48
 
 
@@ -101,7 +101,7 @@ def test_a_changed_case_file_is_prepared_again(tiny_acdc_h5, tmp_path):
     assert len(calls) == 5
     assert not torch.equal(after.images, before.images)
     assert_same(after, load_slices(refs, 32, True))
-    assert len(list(cache.glob("*.pt"))) == 2
+    assert len(list(cache.glob("sets/*.pt"))) == 2
 
 
 def test_same_size_rewrite_changes_the_key_through_its_modification_time(tiny_acdc_h5, tmp_path):
@@ -129,7 +129,7 @@ def test_an_unreadable_kept_file_is_prepared_and_replaced(tiny_acdc_h5, tmp_path
     refs, calls = counted(train_refs(tiny_acdc_h5))
     cache = tmp_path / "slices"
     first = load_slices_cached(refs, 32, True, "labeled", cache)
-    (kept,) = cache.glob("*.pt")
+    (kept,) = cache.glob("sets/*.pt")
     kept.write_bytes(kept.read_bytes()[:100])
     calls.clear()
 
@@ -156,7 +156,7 @@ def test_build_train_data_with_a_cache_dir_gives_the_same_sets(acdc_root, tmp_pa
     cached = build_train_data(cached_cfg)
 
     # Assert
-    assert len(list((tmp_path / "slices").glob("*.pt"))) == 2
+    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 2
     assert_same(cached.labeled, plain.labeled)
     assert_same(cached.unlabeled, plain.unlabeled)
     assert len(cached.unlabeled) == 12 and cached.num_classes == 4
@@ -197,7 +197,7 @@ def test_kept_sets_are_mapped_from_their_file(tiny_acdc_h5, tmp_path):
     # Setup
     refs = train_refs(tiny_acdc_h5)
     load_slices_cached(refs, 32, True, "labeled", tmp_path)
-    (kept,) = tmp_path.glob("*.pt")
+    (kept,) = tmp_path.glob("sets/*.pt")
 
     # Execute
     slices = load_slices_cached(refs, 32, True, "labeled", tmp_path)
@@ -229,7 +229,7 @@ def test_build_train_data_keys_on_the_label_map_and_skips_phantoms(tiny_acdc_h5,
     build_train_data(apply_overrides(TrainConfig(), phantom | {"data.cache_dir": str(tmp_path / "ph")}))
 
     # Assert: two sets per label map, the LV-only labels in {0, 1}; nothing kept for the phantom
-    assert len(list((tmp_path / "slices").glob("*.pt"))) == 4
+    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 4
     assert set(as_is.labeled.labels.unique().tolist()) == {0, 1, 2, 3}
     assert set(lv_only.labeled.labels.unique().tolist()) == {0, 1}
     assert not (tmp_path / "ph").exists()
@@ -262,8 +262,26 @@ def test_lazy_volumes_report_a_case_without_a_label_on_first_use(tiny_acdc_h5):
 
     # Execute / Assert: nothing is read until used; then the one-line error names the file
     assert len(lazy) == 1
-    with pytest.raises(ValueError, match=r"evaluation case has no label"):
+    with pytest.raises(ValueError, match=rf"^{re.escape(ref.paths[0])}: evaluation case has no label$"):
         lazy[0]
+
+
+def test_sets_are_pruned_in_their_own_folder_and_nothing_else(tiny_acdc_h5, tmp_path, monkeypatch):
+    # Setup: room for one set; the cache folder is shared with a checkpoint and per-slice embeddings
+    from samatch import filecache
+
+    monkeypatch.setattr(filecache, "KEEP_SETS", 1)
+    refs = train_refs(tiny_acdc_h5)
+    others = [tmp_path / "best.pt", tmp_path / f"{'ab' * 16}.pt"]
+    for path in others:
+        torch.save(torch.zeros(1), path)
+
+    # Execute: two sets
+    load_slices_cached(refs, 32, True, "labeled", tmp_path)
+    load_slices_cached(refs, 16, True, "labeled", tmp_path)
+
+    # Assert: one set left in sets/, the other files untouched
+    assert len(list(tmp_path.glob("sets/*.pt"))) == 1 and all(p.exists() for p in others)
 
 
 def test_the_folder_keeps_the_most_recently_used_sets(tiny_acdc_h5, tmp_path, monkeypatch):
@@ -274,10 +292,10 @@ def test_the_folder_keeps_the_most_recently_used_sets(tiny_acdc_h5, tmp_path, mo
     refs = train_refs(tiny_acdc_h5)
     cache = tmp_path / "slices"
     load_slices_cached(refs, 32, True, "labeled", cache)
-    (at32,) = cache.glob("*.pt")
+    (at32,) = cache.glob("sets/*.pt")
     os.utime(at32, (100, 100))
     load_slices_cached(refs, 16, True, "labeled", cache)
-    (at16,) = set(cache.glob("*.pt")) - {at32}
+    (at16,) = set(cache.glob("sets/*.pt")) - {at32}
     os.utime(at16, (200, 200))
 
     # Execute: the 32 px set used again (read, not prepared), then a third set prepared
@@ -287,4 +305,4 @@ def test_the_folder_keeps_the_most_recently_used_sets(tiny_acdc_h5, tmp_path, mo
 
     # Assert: the 32 px set was read from its file; the 16 px set, the least recently used, is gone
     assert calls == []
-    assert at32.exists() and not at16.exists() and len(list(cache.glob("*.pt"))) == 2
+    assert at32.exists() and not at16.exists() and len(list(cache.glob("sets/*.pt"))) == 2
