@@ -4,9 +4,10 @@ Training slices are normalised (per-slice min-max) and resized once, then held a
 batch is a single index-gather: the step never waits for file I/O. Validation volumes stay at their
 native resolution; :mod:`samatch.evaluate` resizes predictions back to it.
 
-With ``data.cache_dir`` the prepared slice sets are also kept in that (site-local) folder, one file per
-set, and a process that opens the same cases again maps that file instead of reading and resizing
-every case: a deployed site starts a new process for every message (:func:`load_slices_cached`).
+With ``data.cache_dir`` the prepared slice sets and the validation volumes are also kept in that
+(site-local) folder, one file per set, and a process that opens the same cases again maps that file
+instead of reading (and resizing) every case: a deployed site starts a new process for every message
+(:func:`load_slices_cached`, :func:`load_volumes_cached`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from samatch.filecache import keep_set, load_or_none
-from samatch.io.base import Case, CaseRef
+from samatch.io.base import Case, CaseMeta, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
 
@@ -129,17 +130,61 @@ def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case
     return cases
 
 
-class LazyVolumes(Sequence[Case]):
-    """Validation volumes (:func:`load_volumes`) read on first use. ``len`` and truth read nothing, so
-    a deployed site's train message, a process that never evaluates, never reads them."""
+def _case_record(case: Case) -> dict:
+    """A case as tensors and plain values (what ``torch.load(weights_only=True)`` reads back)."""
+    m = case.meta
+    meta = {
+        "case_id": m.case_id,
+        "patient_id": m.patient_id,
+        "source": str(m.source),
+        "spacing": None if m.spacing is None else [float(v) for v in m.spacing],
+        "affine": None if m.affine is None else torch.from_numpy(np.asarray(m.affine)),
+        "axes": m.axes,
+        "extra": m.extra,
+    }
+    return {"image": torch.from_numpy(case.image), "label": torch.from_numpy(case.label), "meta": meta}
 
-    def __init__(self, refs: Sequence[CaseRef], desc: str = "validation"):
-        self.refs, self.desc = list(refs), desc
+
+def _case_from_record(rec: dict) -> Case:
+    meta = dict(rec["meta"])
+    meta["spacing"] = None if meta["spacing"] is None else tuple(meta["spacing"])
+    meta["affine"] = None if meta["affine"] is None else meta["affine"].numpy()
+    return Case(rec["image"].numpy(), rec["label"].numpy(), CaseMeta(**meta))
+
+
+def load_volumes_cached(
+    refs: Sequence[CaseRef], cache_dir: str | os.PathLike, reading: str = "", desc: str = "validation"
+) -> list[Case]:
+    """:func:`load_volumes`, kept like a slice set (``cache_dir/sets/<key>.pt``, mapped when read):
+    an evaluating message of a deployed site reads one file instead of every validation case."""
+    key = slices_key(refs, 0, True, f"volumes {reading}") if refs else None
+    if key is None:
+        return load_volumes(refs, desc)
+    path = Path(cache_dir) / "sets" / f"{key}.pt"
+    kept = load_or_none(path, mmap=True, mark_used=True)
+    if isinstance(kept, dict) and isinstance(kept.get("cases"), list) and len(kept["cases"]) == len(refs):
+        try:
+            return [_case_from_record(rec) for rec in kept["cases"]]
+        except (KeyError, TypeError, AttributeError):
+            pass  # another layout: prepared again below
+    cases = load_volumes(refs, desc)
+    keep_set({"cases": [_case_record(c) for c in cases]}, path)
+    return cases
+
+
+class LazyVolumes(Sequence[Case]):
+    """Validation volumes read on first use, by ``load`` (:func:`load_volumes` or
+    :func:`load_volumes_cached` of the refs). ``len`` and truth read nothing, so a deployed site's
+    train message, a process that never evaluates, never reads them."""
+
+    def __init__(self, refs: Sequence[CaseRef], load: Callable[[], list[Case]] | None = None):
+        self.refs = list(refs)
+        self._load = load or (lambda: load_volumes(self.refs))
         self._cases: list[Case] | None = None
 
     def cases(self) -> list[Case]:
         if self._cases is None:
-            self._cases = load_volumes(self.refs, self.desc)
+            self._cases = self._load()
         return self._cases
 
     def __len__(self) -> int:
@@ -218,21 +263,27 @@ def build_train_data(cfg, out_dir: Path | None = None, lazy_val: bool = False) -
     unlabeled_ids = splits.unlabeled
     if cfg.data.max_unlabeled:
         unlabeled_ids = unlabeled_ids[: cfg.data.max_unlabeled]
-    val_ids = splits.val[: cfg.data.max_val_cases or None]
+    val_refs = [refs[i] for i in splits.val[: cfg.data.max_val_cases or None]]
+
+    # Phantoms are made in memory and a packed file is read whole: nothing to keep.
+    cached = bool(cfg.data.cache_dir) and reader.name != "packed" and not reader.name.startswith("phantom")
+    label_map = getattr(reader, "label_map", None)  # what the files' values become
+    reading = json.dumps([reader.name, cfg.data.label_map, label_map.spec() if label_map else ""])
 
     def slices(ids: Sequence[str], with_labels: bool, desc: str) -> SliceSet:
         cases = [refs[i] for i in ids]
-        # Phantoms are made in memory and a packed file is read whole: nothing to keep.
-        if cfg.data.cache_dir and reader.name != "packed" and not reader.name.startswith("phantom"):
-            label_map = getattr(reader, "label_map", None)  # what the files' values become
-            reading = json.dumps([reader.name, cfg.data.label_map, label_map.spec() if label_map else ""])
+        if cached:
             return load_slices_cached(cases, cfg.data.size, with_labels, desc, cfg.data.cache_dir, reading)
         return load_slices(cases, cfg.data.size, with_labels, desc)
 
+    def volumes() -> list[Case]:
+        if cached:
+            return load_volumes_cached(val_refs, cfg.data.cache_dir, reading)
+        return load_volumes(val_refs)
+
     labeled = slices(splits.labeled, True, "labeled")
     unlabeled = slices(unlabeled_ids, False, "unlabeled") if unlabeled_ids else None
-    val_refs = [refs[i] for i in val_ids]
-    val = LazyVolumes(val_refs) if lazy_val else load_volumes(val_refs)
+    val = LazyVolumes(val_refs, volumes) if lazy_val else volumes()
     if cfg.model.num_classes == 0:  # 0 = take it from the dataset
         cfg.model.num_classes = reader.num_classes
     if reader.num_classes != cfg.model.num_classes:

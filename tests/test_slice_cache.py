@@ -21,6 +21,7 @@ from samatch.data import (
     load_slices,
     load_slices_cached,
     load_volumes,
+    load_volumes_cached,
     slices_key,
 )
 from samatch.io import open_dataset
@@ -48,6 +49,18 @@ def assert_same(a, b):
     assert torch.equal(a.images, b.images) and a.images.dtype == b.images.dtype
     assert (a.labels is None and b.labels is None) or torch.equal(a.labels, b.labels)
     assert a.patient_ids == b.patient_ids
+
+
+def assert_same_cases(a, b):
+    """The same volumes: pixels, labels and every field of their metadata."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.image.dtype == y.image.dtype and np.array_equal(x.image, y.image)
+        assert x.label.dtype == y.label.dtype and np.array_equal(x.label, y.label)
+        assert x.meta == y.meta and x.meta.extra == y.meta.extra  # == leaves out affine and extra
+        assert (x.meta.affine is None and y.meta.affine is None) or np.array_equal(
+            x.meta.affine, y.meta.affine
+        )
 
 
 def test_second_load_reads_the_kept_file_not_the_cases(tiny_acdc_h5, tmp_path):
@@ -151,15 +164,16 @@ def test_build_train_data_with_a_cache_dir_gives_the_same_sets(acdc_root, tmp_pa
     plain = build_train_data(apply_overrides(TrainConfig(), base))
     cached_cfg = apply_overrides(TrainConfig(), base | {"data.cache_dir": str(tmp_path / "slices")})
 
-    # Execute: the first build writes the two sets, the second reads them
+    # Execute: the first build writes the two sets and the validation volumes, the second reads them
     build_train_data(cached_cfg)
     cached = build_train_data(cached_cfg)
 
     # Assert
-    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 2
+    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 3
     assert_same(cached.labeled, plain.labeled)
     assert_same(cached.unlabeled, plain.unlabeled)
     assert len(cached.unlabeled) == 12 and cached.num_classes == 4
+    assert_same_cases(cached.val, plain.val)
 
 
 def test_a_folder_that_cannot_take_the_file_is_skipped_with_a_warning(tiny_acdc_h5, tmp_path):
@@ -228,8 +242,10 @@ def test_build_train_data_keys_on_the_label_map_and_skips_phantoms(tiny_acdc_h5,
     phantom = {"data.format": "phantom-cardiac", "data.root": "0", "data.size": 32}
     build_train_data(apply_overrides(TrainConfig(), phantom | {"data.cache_dir": str(tmp_path / "ph")}))
 
-    # Assert: two sets per label map, the LV-only labels in {0, 1}; nothing kept for the phantom
-    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 4
+    # Assert: two sets and the validation volumes per label map, the LV-only labels in {0, 1};
+    # nothing kept for the phantom
+    assert len(list((tmp_path / "slices").glob("sets/*.pt"))) == 6
+    assert set(np.unique(lv_only.val[0].label).tolist()) == {0, 1}
     assert set(as_is.labeled.labels.unique().tolist()) == {0, 1, 2, 3}
     assert set(lv_only.labeled.labels.unique().tolist()) == {0, 1}
     assert not (tmp_path / "ph").exists()
@@ -306,3 +322,38 @@ def test_the_folder_keeps_the_most_recently_used_sets(tiny_acdc_h5, tmp_path, mo
     # Assert: the 32 px set was read from its file; the 16 px set, the least recently used, is gone
     assert calls == []
     assert at32.exists() and not at16.exists() and len(list(cache.glob("sets/*.pt"))) == 2
+
+
+@pytest.mark.parametrize("fixture", ["tiny_acdc_h5", "tiny_chaos"])
+def test_validation_volumes_are_kept_with_their_metadata(fixture, request, tmp_path):
+    # Setup: ACDC h5 (no spacing, a note in extra) and CHAOS NIfTI (spacing, affine, label file)
+    root = request.getfixturevalue(fixture)
+    fmt = "acdc-h5" if fixture == "tiny_acdc_h5" else "nifti"
+    refs, calls = counted(list(open_dataset(root, fmt).cases(None)))
+
+    # Execute: twice
+    first = load_volumes_cached(refs, tmp_path, "r")
+    read = len(calls)
+    second = load_volumes_cached(refs, tmp_path, "r")
+
+    # Assert: every case read once; the kept volumes equal the read ones, metadata included
+    assert read == len(refs) and len(calls) == read
+    assert_same_cases(second, first)
+    assert_same_cases(second, load_volumes(refs))
+    assert len(list(tmp_path.glob("sets/*.pt"))) == 1
+
+
+def test_a_site_session_reads_its_kept_volumes_on_first_evaluation(tiny_acdc_h5, tmp_path):
+    # Setup: a cached build, then a lazy one of the same data
+    base = {"data.format": "acdc-h5", "data.root": str(tiny_acdc_h5), "data.labeled": 1, "data.size": 32}
+    cfg = apply_overrides(TrainConfig(), base | {"data.cache_dir": str(tmp_path)})
+    eager = build_train_data(cfg)
+
+    # Execute
+    lazy = build_train_data(cfg, lazy_val=True)
+
+    # Assert: nothing read until used, then the kept volumes (mapped from the one file)
+    assert not lazy.val.loaded and len(lazy.val) == 1
+    assert_same_cases(list(lazy.val), eager.val)
+    (kept,) = [p for p in tmp_path.glob("sets/*.pt") if "cases" in torch.load(p, weights_only=True)]
+    assert str(kept) in Path("/proc/self/maps").read_text()
