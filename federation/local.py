@@ -90,8 +90,8 @@ def get_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> Si
 
 
 def _build_session(site: Site, cfg: TrainConfig, evaluate_only: bool = False) -> SiteSession:
-    # Validation volumes read when a message first evaluates: a train message never does (ACDC's 20
-    # take 0.2 s, in every message of a deployed site, whose every message is a new process).
+    # Validation volumes read when a message first evaluates: a train message without an evaluation
+    # never reads them (ACDC's 20: 0.2 s from their files, 0.006 s mapped from data.cache_dir).
     data = build_train_data(cfg, lazy_val=True)  # sets model.num_classes when it is 0
     trainer = Trainer(cfg, data)
     initial = {k: v.detach().clone() for k, v in trainer.method.checkpoint_state().items()}

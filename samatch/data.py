@@ -175,7 +175,7 @@ def load_volumes_cached(
 class LazyVolumes(Sequence[Case]):
     """Validation volumes read on first use, by ``load`` (:func:`load_volumes` or
     :func:`load_volumes_cached` of the refs). ``len`` and truth read nothing, so a deployed site's
-    train message, a process that never evaluates, never reads them."""
+    train message without an evaluation (each message is a new process) never reads them."""
 
     def __init__(self, refs: Sequence[CaseRef], load: Callable[[], list[Case]] | None = None):
         self.refs = list(refs)
