@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from samatch.filecache import keep_set, load_or_none
+from samatch.filecache import set_or_prepare
 from samatch.io.base import Case, CaseMeta, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
@@ -112,13 +112,18 @@ def load_slices_cached(
     key = slices_key(refs, size, with_labels, reading) if refs else None
     if key is None:
         return load_slices(refs, size, with_labels, desc)
-    path = Path(cache_dir) / "sets" / f"{key}.pt"
-    kept = load_or_none(path, mmap=True, mark_used=True)
-    if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
-        return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
-    slices = load_slices(refs, size, with_labels, desc)
-    keep_set({"images": slices.images, "labels": slices.labels, "patient_ids": slices.patient_ids}, path)
-    return slices
+
+    def decode(kept) -> SliceSet | None:
+        if isinstance(kept, dict) and set(kept) == {"images", "labels", "patient_ids"}:
+            return SliceSet(kept["images"], kept["labels"], list(kept["patient_ids"]))
+        return None
+
+    return set_or_prepare(
+        Path(cache_dir) / "sets" / f"{key}.pt",
+        decode,
+        lambda: load_slices(refs, size, with_labels, desc),
+        lambda s: {"images": s.images, "labels": s.labels, "patient_ids": s.patient_ids},
+    )
 
 
 def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case]:
@@ -160,16 +165,21 @@ def load_volumes_cached(
     key = slices_key(refs, 0, True, f"volumes {reading}") if refs else None
     if key is None:
         return load_volumes(refs, desc)
-    path = Path(cache_dir) / "sets" / f"{key}.pt"
-    kept = load_or_none(path, mmap=True, mark_used=True)
-    if isinstance(kept, dict) and isinstance(kept.get("cases"), list) and len(kept["cases"]) == len(refs):
-        try:
-            return [_case_from_record(rec) for rec in kept["cases"]]
-        except (KeyError, TypeError, AttributeError):
-            pass  # another layout: prepared again below
-    cases = load_volumes(refs, desc)
-    keep_set({"cases": [_case_record(c) for c in cases]}, path)
-    return cases
+
+    def decode(kept) -> list[Case] | None:
+        if isinstance(kept, dict) and isinstance(kept.get("cases"), list) and len(kept["cases"]) == len(refs):
+            try:
+                return [_case_from_record(rec) for rec in kept["cases"]]
+            except (KeyError, TypeError, AttributeError):
+                pass  # another layout: prepared again
+        return None
+
+    return set_or_prepare(
+        Path(cache_dir) / "sets" / f"{key}.pt",
+        decode,
+        lambda: load_volumes(refs, desc),
+        lambda cases: {"cases": [_case_record(c) for c in cases]},
+    )
 
 
 class LazyVolumes(Sequence[Case]):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from samatch.filecache import keep, keep_set, load_or_none
+from samatch.filecache import keep, load_or_none, set_or_prepare
 
 __all__ = ["EmbeddingStore", "tensor_digest"]
 
@@ -74,16 +74,19 @@ class EmbeddingStore:
         both are then saved. A file that cannot be read is recomputed and replaced."""
         keys = [self.key(img) for img in images]
         set_path = self.folder / "sets" / f"{hashlib.sha256(' '.join(keys).encode()).hexdigest()[:32]}.pt"
-        kept = load_or_none(set_path, mmap=True, mark_used=True)
-        if isinstance(kept, torch.Tensor) and kept.dim() == 4 and kept.shape[0] == len(keys):
-            return kept
-        out: list[torch.Tensor | None] = [self.load_slice(key) for key in keys]
-        missing = [i for i, e in enumerate(out) if e is None]
-        if missing:
-            emb = compute(images[missing])
-            for j, i in enumerate(missing):
-                out[i] = emb[j].cpu()
-                keep(out[i].clone(), self.folder / f"{keys[i]}.pt")
-        embeddings = torch.stack(out)
-        keep_set(embeddings, set_path)
-        return embeddings
+
+        def decode(kept) -> torch.Tensor | None:
+            whole = isinstance(kept, torch.Tensor) and kept.dim() == 4 and kept.shape[0] == len(keys)
+            return kept if whole else None
+
+        def from_slices() -> torch.Tensor:
+            out: list[torch.Tensor | None] = [self.load_slice(key) for key in keys]
+            missing = [i for i, e in enumerate(out) if e is None]
+            if missing:
+                emb = compute(images[missing])
+                for j, i in enumerate(missing):
+                    out[i] = emb[j].cpu()
+                    keep(out[i].clone(), self.folder / f"{keys[i]}.pt")
+            return torch.stack(out)
+
+        return set_or_prepare(set_path, decode, from_slices)

@@ -18,14 +18,16 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 # Set files kept per folder, the most recently used: the labeled and unlabeled sets of 12 sites, as
 # when a simulation's sites share one folder (runs/sam_cache).
 KEEP_SETS = 24
+T = TypeVar("T")
 SET_NAME = re.compile(r"[0-9a-f]{32}\.pt")  # <key>.pt: what prune may delete
 
 
@@ -63,6 +65,24 @@ def keep_set(obj: Any, path: Path) -> bool:
     if saved:
         prune(path.parent, KEEP_SETS, spare=path)
     return saved
+
+
+def set_or_prepare(
+    path: Path,
+    decode: Callable[[Any], T | None],
+    prepare: Callable[[], T],
+    encode: Callable[[T], Any] | None = None,
+) -> T:
+    """A set file's contents: ``decode`` of ``path`` as read (mapped, marked used) when it is readable
+    and ``decode`` accepts it (not None); else ``prepare()``, kept (:func:`keep_set`) as its
+    ``encode`` (itself when None), so an unreadable or outdated file is replaced."""
+    kept = load_or_none(path, mmap=True, mark_used=True)
+    found = None if kept is None else decode(kept)
+    if found is not None:
+        return found
+    fresh = prepare()
+    keep_set(fresh if encode is None else encode(fresh), path)
+    return fresh
 
 
 def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Path]:
