@@ -82,7 +82,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -292,14 +292,7 @@ def run_deploy_case(case: Case, scale: Scale, workdir: Path, timeout: float) -> 
     # The site's folder as its SuperNode had it by default (deploy.cli.site_state_dir): the probe then
     # finds the SAM embeddings that the run cached, as the run's later messages did.
     state = site_state_dir("", str(rehearsal.site_homes[site]))
-    spec = rehearsal.site_specs[site]
-    node = {
-        "data-root": spec.data_root,
-        "data-format": spec.data_format,
-        "site-name": site,
-        "state-dir": state,
-    }
-    node.update({k: v for k, v in (("splits-file", spec.splits_file), ("label-map", spec.label_map)) if v})
+    node = replace(rehearsal.site_specs[site], state_dir=state).node_items()
     return {
         "rounds": results_rounds(outcome.results, waves=1),
         "run_seconds": total,

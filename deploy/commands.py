@@ -113,9 +113,8 @@ class SiteSpec:
     state_dir: str = ""  # site-local: FedBN tensors per round (federation.site_state)
     task: str = ""  # cross-task federation: a task of the run's partition manifest
 
-    def node_config(self) -> str:
-        """The ``--node-config`` string (``federation.config.site_from_node_config`` reads it)."""
-        check_site_name(self.name)
+    def node_items(self) -> dict[str, str | int]:
+        """The node config as Flower hands it to the ClientApp (the settings given, and the index)."""
         items: dict[str, str | int] = {"data-root": self.data_root, "site-name": self.name}
         for key, value in (
             ("data-format", self.data_format),
@@ -126,15 +125,22 @@ class SiteSpec:
         ):
             if value:
                 items[key] = value
+        items["site-index"] = int(self.index)
+        return items
+
+    def node_config(self) -> str:
+        """The ``--node-config`` string (``federation.config.site_from_node_config`` reads it)."""
+        check_site_name(self.name)
         parts = []
-        for key, value in items.items():
+        for key, value in self.node_items().items():
             if isinstance(value, str):
                 if '"' in value or "\\" in value or "\n" in value:
                     raise ValueError(
                         f"node config {key}={value!r}: quotes, backslashes and newlines not allowed"
                     )
                 parts.append(f'{key}="{value}"')
-        parts.append(f"site-index={int(self.index)}")
+            else:
+                parts.append(f"{key}={value}")
         return " ".join(parts)
 
 

@@ -82,10 +82,7 @@ def torch_threads(n: int):
 
 def node_configs(reh: Rehearsal) -> list[dict]:
     """The node configs of the rehearsal's SuperNodes, as Flower hands them to the ClientApp."""
-    return [
-        {"data-root": str(reh.data_roots[s]), "data-format": "nifti", "site-name": s, "site-index": i}
-        for i, s in enumerate(reh.sites)
-    ]
+    return [reh.site_specs[s].node_items() for s in reh.sites]
 
 
 def app_defaults() -> dict:
