@@ -97,7 +97,7 @@ def run_settings(reh: Rehearsal, out_dir: Path, **overrides: object) -> dict:
     """The run config a deployment run of ``reh`` gets (defaults, then its -c settings)."""
     return {
         **app_defaults(),
-        **reh.cfg.run_config(),
+        **reh.run_config(),
         **DEPLOY_RUN_CONFIG,
         "out-dir": str(out_dir),
         **overrides,
@@ -125,7 +125,7 @@ def global_dice(reh: Rehearsal, state: dict, sites: list[str] | None = None) -> 
     from federation.config import parse_run_config, site_from_node_config
     from federation.local import evaluate_round, get_session
 
-    cfg, fed = parse_run_config({**app_defaults(), **reh.cfg.run_config()})
+    cfg, fed = parse_run_config({**app_defaults(), **reh.run_config()})
     total, weight = 0.0, 0
     for nc in node_configs(reh):
         if sites is not None and nc["site-name"] not in sites:

@@ -112,7 +112,7 @@ class RehearsalConfig:
             "round-timeout": self.round_timeout,
             "evaluate-every": self.evaluate_every,
             "aggregation": self.aggregation,
-            "model.num_classes": 4,  # the cardiac phantom's; a manifest's dataset: start_run's
+            "model.num_classes": 4,  # the cardiac phantom's; a manifest's dataset: Rehearsal.run_config's
             "data.size": self.size,
             "model.base_channels": self.base_channels,
             "schedule.batch_size": 4,
@@ -313,12 +313,17 @@ class Rehearsal:
         name = f"supernode-{site}"
         return self.procs.procs[name].log_text().count("SuperNode ID:") if name in self.procs.procs else 0
 
-    def start_run(self, **overrides: object) -> Managed:
+    def run_config(self) -> dict[str, object]:
+        """The run's settings: the config's, and its sites' data format (and, for a manifest's
+        dataset, its classes: the server builds the model before any site reads)."""
         spec = self.site_specs[self.sites[0]]
-        data = {"data.format": spec.data_format}
-        if self.cfg.sites_from:  # the dataset's classes (the server builds the model before any site reads)
+        data: dict[str, object] = {"data.format": spec.data_format}
+        if self.cfg.sites_from:
             data["model.num_classes"] = dataset_classes(spec)
-        settings = {**self.cfg.run_config(), **data, **overrides}
+        return {**self.cfg.run_config(), **data}
+
+    def start_run(self, **overrides: object) -> Managed:
+        settings = {**self.run_config(), **overrides}
         return self.start(
             "run",
             "run",

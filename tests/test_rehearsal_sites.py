@@ -34,6 +34,7 @@ def test_manifest_sites_read_their_dataset_in_place(tiny_acdc_h5, tmp_path):
     assert args.splits_file == str(tmp_path / "site1_splits.json") and args.site_index == 1
     assert args.label_map == ""
     assert dataset_classes(reh.site_specs["hospitalB"]) == 4  # background, RV, myocardium, LV
+    assert reh.run_config()["data.format"] == "acdc-h5" and reh.run_config()["model.num_classes"] == 4
 
 
 def test_phantom_sites_are_unchanged(tmp_path):
@@ -44,6 +45,7 @@ def test_phantom_sites_are_unchanged(tmp_path):
     # Assert: the site's own folder under the rehearsal, nifti, no splits file
     assert reh.data_roots["hospitalA"] == tmp_path / "rehearsal" / "sites" / "hospitalA" / "data"
     assert args.data_format == "nifti" and args.splits_file == "" and args.site_index == 0
+    assert reh.run_config()["data.format"] == "nifti"  # what the in-process drills (deploy.faults) run too
 
 
 @pytest.mark.parametrize(
