@@ -15,7 +15,7 @@ U-Net (its ``best.pt`` in both trainers): the joint steps then prompt SAM from a
 confident predictions on real slices (``--pool`` slices of each set, spread evenly over it).
 
     python benchmarks/step_ab.py [--batch 4] [--size 256] [--pairs 6] [--warmup 2] [--threads 0]
-        [--amp fp32] [--decode valid] [--run RUN_DIR [--pool 16] [--sam-cache DIR]]
+        [--amp fp32] [--sam-amp step] [--decode valid] [--run RUN_DIR [--pool 16] [--sam-cache DIR]]
         [--allocator auto] [--out runs/step_ab.json]
 """
 
@@ -72,10 +72,18 @@ def run_data(cfg: TrainConfig, run: Path, pool: int) -> TrainData:
 
 
 def trainer_for(
-    method: str, size: int, batch: int, amp: str, run: Path | None = None, pool: int = 16, sam_cache: str = ""
+    method: str,
+    size: int,
+    batch: int,
+    amp: str,
+    run: Path | None = None,
+    pool: int = 16,
+    sam_cache: str = "",
+    sam_amp: str = "step",
 ) -> Trainer:
     """A trainer of ``method`` on the phantom, or on the trained run ``run``'s data with its U-Net."""
-    cfg = make_config(method, size, batch, "cpu", amp, settings={"sam.cache_dir": sam_cache})
+    settings = {"sam.cache_dir": sam_cache, "sam.amp": sam_amp}
+    cfg = make_config(method, size, batch, "cpu", amp, settings=settings)
     trainer = Trainer(cfg, make_data(cfg, pool=batch) if run is None else run_data(cfg, run, pool))
     if run is not None:
         _, model, _ = load_run_model(run, "best", "cpu")
@@ -93,7 +101,9 @@ def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
     boxes = torch.tensor([20.0, 30.0, 150.0, 170.0]).expand(2 * batch, k, 4).contiguous()
 
     def once():
-        guide.sam.decode(emb, boxes).float().square().mean().backward()
+        with guide.precision(CPU):
+            logits = guide.sam.decode(emb, boxes)
+        logits.float().square().mean().backward()
 
     once()
     times = [synced_seconds(once, CPU) for _ in range(repeat)]
@@ -111,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each trainer first")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--amp", default="fp32", help="fp32 or bf16")
+    parser.add_argument(
+        "--sam-amp",
+        choices=("step", "fp32", "bf16"),
+        default="step",
+        help="sam.amp: SAM's decoder as the step (--amp), or in fp32 or bf16 whatever the step's",
+    )
     parser.add_argument(
         "--decode",
         choices=("valid", "all"),
@@ -141,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     trainers = {
-        m: trainer_for(m, args.size or 256, args.batch, args.amp, args.run, args.pool, args.sam_cache)
+        m: trainer_for(
+            m, args.size or 256, args.batch, args.amp, args.run, args.pool, args.sam_cache, args.sam_amp
+        )
         for m in ("unimatch", "samatch")
     }
     size = trainers["samatch"].cfg.data.size

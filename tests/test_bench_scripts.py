@@ -41,6 +41,7 @@ def run_script(
         "lc_iterations.py",
         "fork_gc.py",
         "site_cache.py",
+        "sam_precision.py",
     ],
 )
 def test_benchmark_runs_as_a_script(script, tmp_path):
@@ -157,6 +158,50 @@ def test_step_ab_on_a_trained_run(tmp_path, tiny_run):
     # And a size other than the run's is refused
     bad = run_script("step_ab.py", "--run", str(tiny_run), "--size", "128", cwd=tmp_path, timeout=300)
     assert bad.returncode != 0 and "trained at 64" in bad.stderr
+
+
+def test_sam_precision_compares_the_same_inputs_in_both_precisions(tiny_run):
+    # Setup: a SAM-Match trainer on the tiny run's slices (3 labeled, 2 unlabeled), past its warm-up
+    from benchmarks.sam_precision import batches, compare, sam_part
+    from benchmarks.step_ab import trainer_for
+
+    trainer = trainer_for("samatch", 64, 2, "fp32", tiny_run, pool=3)
+    b = next(batches(trainer, 2))
+    trainer.method.iteration = trainer.iteration
+
+    # Execute: the SAM part twice in fp32 with one seed, once in bf16; then the whole comparison
+    first, again = (sam_part(trainer.method, b, "fp32", seed=0) for _ in range(2))
+    bf16 = sam_part(trainer.method, b, "bf16", seed=0)
+    result = compare(trainer, 2)
+
+    # Assert: fp32 twice gives the same labels, losses and gradient (the jittered boxes drawn alike), so
+    # what differs in bf16 is the decoder's precision; the comparison's one batch (2 unlabeled slices)
+    # is summarised from its row
+    assert torch.equal(first["label"], again["label"]) and torch.equal(first["grad"], again["grad"])
+    assert first["loss_sam_x"] == again["loss_sam_x"] and first["loss_sam_x"] > 0
+    assert bf16["loss_sam_x"] != first["loss_sam_x"]
+    assert bf16["loss_sam_x"] == pytest.approx(first["loss_sam_x"], rel=0.05)
+    (row,) = result["rows"]
+    summary = result["summary"]
+    assert summary["slices"] == 2 and summary["grad_cosine_min"] == row["grad_cosine"] > 0.9
+    assert row["loss_sam_x_fp32"] == first["loss_sam_x"]  # the same seed per batch as above
+    assert 0 <= summary["pseudo_label_pixels_changed"] <= 1
+
+    # And a trainer still in the warm-up is refused: its pseudo-labels would not come from SAM
+    trainer.iteration = 0
+    with pytest.raises(ValueError, match="warm-up"):
+        compare(trainer, 2)
+
+
+def test_sam_precision_script_on_a_trained_run(tmp_path, tiny_run):
+    out = tmp_path / "precision.json"
+    argv = ["--run", str(tiny_run), "--pool", "3", "--batch", "2", "--out", str(out)]
+    proc = run_script("sam_precision.py", *argv, cwd=tmp_path, timeout=600)
+
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["summary"]["slices"] == 2 and len(result["rows"]) == 1
+    assert result["settings"]["run"] == str(tiny_run) and "pseudo-label pixels changed" in proc.stdout
 
 
 def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):

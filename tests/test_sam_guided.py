@@ -117,7 +117,9 @@ def test_decode_only_refined_skips_the_other_classes_and_keeps_the_order():
         refine_index=refine_mask.nonzero()[:, 0],
         refines_all=False,
         skip_invalid=False,
+        cfg=SimpleNamespace(amp="step"),
     )
+    stub.precision = lambda device: SamGuidance.precision(stub, device)
     boxes = torch.tensor([[[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]])  # (1, 3, 4)
 
     # Execute
@@ -145,8 +147,14 @@ def test_decode_valid_prompts_only_on_cpu():
         value = boxes[..., 0] + 100 * emb[:, None, 0, 0, 0]
         return value[..., None, None].expand(*boxes.shape[:2], 256, 256).clone()
 
-    stub = SimpleNamespace(sam=SimpleNamespace(decode=fake_decode), refines_all=True, skip_invalid=True)
+    stub = SimpleNamespace(
+        sam=SimpleNamespace(decode=fake_decode),
+        refines_all=True,
+        skip_invalid=True,
+        cfg=SimpleNamespace(amp="step"),
+    )
     stub._decode_valid = lambda *a: SamGuidance._decode_valid(stub, *a)
+    stub.precision = lambda device: SamGuidance.precision(stub, device)
     emb = torch.tensor([1.0, 2.0]).view(2, 1, 1, 1).expand(2, 256, 64, 64)
     boxes = torch.tensor([[10.0, 0, 20, 20], [30, 0, 40, 40], [50, 0, 60, 60]]).expand(2, 3, 4)
     valid = torch.tensor([[True, False, True], [False, True, True]])
@@ -211,6 +219,55 @@ TINY_JOINT = {
     "method.threshold": 0.3,  # an untrained U-Net must be confident somewhere to prompt SAM
     "device": "cpu",
 }
+
+
+def test_sam_amp_runs_the_decoder_in_its_own_precision_whatever_the_steps():
+    # Prepare: a LiteMedSAM guide with LoRA; 2 images x 3 boxes; the decoder's logits in fp32 and under
+    # bf16 autocast, computed directly (the expected values).
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.methods.sam_guided import SamGuidance
+
+    guide = SamGuidance(apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.enclosed": ""}), 4)
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 256, 64, 64, generator=gen)
+    boxes = torch.tensor([[20.0, 30, 150, 170], [60, 60, 120, 200], [0, 0, 255, 255]]).expand(2, 3, 4)
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        want_fp32 = guide.sam.decode(emb, boxes)
+        with bf16():
+            want_bf16 = guide.sam.decode(emb, boxes).float()
+
+        # Execute: each setting, inside a bf16 step and an fp32 step
+        got = {}
+        for amp in ("step", "fp32", "bf16"):
+            guide.cfg.amp = amp
+            with bf16():
+                got[amp, "bf16 step"] = guide.decode(emb, boxes, 256)
+            got[amp, "fp32 step"] = guide.decode(emb, boxes, 256)
+
+    # Assert: "step" follows the step (its logits in the step's autocast type); fp32 and bf16 hold
+    # whatever the step's, with float32 logits. bf16 rounds the logits (they differ) but keeps nearly
+    # every pixel's side of 0.
+    want = {
+        ("step", "bf16 step"): want_bf16,
+        ("step", "fp32 step"): want_fp32,
+        ("fp32", "bf16 step"): want_fp32,
+        ("fp32", "fp32 step"): want_fp32,
+        ("bf16", "bf16 step"): want_bf16,
+        ("bf16", "fp32 step"): want_bf16,
+    }
+    for key, logits in got.items():
+        assert logits.dtype == (torch.bfloat16 if key == ("step", "bf16 step") else torch.float32), key
+        assert torch.equal(logits.float(), want[key]), key
+    assert not torch.equal(want_bf16, want_fp32)
+    assert ((want_bf16 > 0) == (want_fp32 > 0)).float().mean() > 0.99
+
+
+def test_sam_amp_rejects_other_precisions():
+    from samatch.config import TrainConfig, apply_overrides
+
+    with pytest.raises(ValueError, match="sam.amp must be step, fp32 or bf16, got 'fp16'"):
+        apply_overrides(TrainConfig(), {"sam.amp": "fp16"})
 
 
 @pytest.mark.slow
