@@ -33,9 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.step_ab import trainer_for  # noqa: E402
+from benchmarks.step_ab import add_run_arguments, run_size, trainer_for  # noqa: E402
 from samatch import allocator  # noqa: E402
-from samatch.config import TrainConfig  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
@@ -148,19 +147,13 @@ def compare(trainer, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, required=True, help="a trained run folder (samatch train)")
-    parser.add_argument("--pool", type=int, default=32, help="slices per labeled / unlabeled set")
+    add_run_arguments(parser, pool=32, required=True)
     parser.add_argument("--batch", type=int, default=4, help="labeled (and unlabeled) slices per batch")
-    parser.add_argument(
-        "--sam-cache", default="", help="sam.cache_dir: keep the pool's SAM embeddings here (reused)"
-    )
     parser.add_argument("--out", type=Path, default=Path("runs/sam_precision.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
-    if not (args.run / "config.json").is_file():
-        parser.error(f"--run {args.run}: no config.json there (is it a run folder?)")
+    size = run_size(parser, args.run)
     allocator.relaunch(args.allocator, argv, parser)
-    size = TrainConfig.load(args.run / "config.json").data.size
     trainer = trainer_for("samatch", size, args.batch, "fp32", args.run, args.pool, args.sam_cache)
     result = compare(trainer, args.batch)
     s = result["summary"]

@@ -93,6 +93,31 @@ def trainer_for(
     return trainer
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, pool: int, required: bool) -> None:
+    """``--run`` (a trained run folder), ``--pool`` and ``--sam-cache``: the arguments of trainer_for."""
+    parser.add_argument(
+        "--run",
+        type=Path,
+        default=None,
+        required=required,
+        help="a trained run folder (samatch train): its data and its U-Net (best.pt)"
+        + ("" if required else " instead of the phantom"),
+    )
+    parser.add_argument(
+        "--pool", type=int, default=pool, help="with --run: slices per labeled / unlabeled set"
+    )
+    parser.add_argument(
+        "--sam-cache", default="", help="sam.cache_dir: keep the pool's SAM embeddings here (reused)"
+    )
+
+
+def run_size(parser: argparse.ArgumentParser, run: Path) -> int:
+    """The slice size the run in ``run`` was trained at; a parser error when it is not a run folder."""
+    if not (run / "config.json").is_file():
+        parser.error(f"--run {run}: no config.json there (is it a run folder?)")
+    return TrainConfig.load(run / "config.json").data.size
+
+
 def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
     """SAM decode of 2B images x (C-1) boxes, forward and backward (LoRA gradients), as in a joint step."""
     guide = trainer.method.guide
@@ -134,23 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         help="valid: decode only the prompts that exist (the CPU default); all: every prompt, as a GPU"
         " does and as real data nearly does (a class is present in 67-96%% of slices)",
     )
-    parser.add_argument(
-        "--run",
-        type=Path,
-        default=None,
-        help="a trained run folder (samatch train): its data and its U-Net (best.pt) instead of the phantom",
-    )
-    parser.add_argument("--pool", type=int, default=16, help="with --run: slices per labeled / unlabeled set")
-    parser.add_argument(
-        "--sam-cache", default="", help="sam.cache_dir: keep the pool's SAM embeddings here (reused)"
-    )
+    add_run_arguments(parser, pool=16, required=False)
     parser.add_argument("--out", type=Path, default=Path("runs/step_ab.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
     if args.run is not None:
-        if not (args.run / "config.json").is_file():
-            parser.error(f"--run {args.run}: no config.json there (is it a run folder?)")
-        trained_size = TrainConfig.load(args.run / "config.json").data.size
+        trained_size = run_size(parser, args.run)
         if args.size is not None and args.size != trained_size:
             parser.error(f"--size {args.size}: the run in {args.run} was trained at {trained_size}")
     allocator.relaunch(args.allocator, argv, parser)  # from the command line: start again on it
