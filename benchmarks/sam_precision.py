@@ -11,7 +11,8 @@ jittered alike in both. Reported, fp32 against bf16:
   class's Dice between the two (over all slices); their confidences: the mean and largest change;
 * SAM's two losses (supervised on the labeled slices, agreement on the unlabeled): each batch's
   values and their relative change;
-* the LoRA gradient of their sum: cosine and norm ratio per batch;
+* the LoRA gradient of their sum: cosine and norm ratio per batch, and for scale the cosine between
+  two fp32 gradients whose labeled boxes were jittered by different draws (as successive steps are);
 * seconds of that SAM part (prompts, decode, fusion, losses, backward) per batch.
 
     python benchmarks/sam_precision.py --run RUN_DIR [--pool 32] [--batch 4] [--sam-cache DIR]
@@ -37,6 +38,7 @@ from benchmarks.step_ab import add_run_arguments, run_size, trainer_for  # noqa:
 from samatch import allocator  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
+OTHER_JITTER = 1_000_000  # seeds of the reference draws: apart from the batches' own
 IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
@@ -102,12 +104,17 @@ def compare(trainer, batch: int) -> dict:
             confs[amp].append(out[amp]["conf"])
         g32, g16 = out["fp32"]["grad"], out["bf16"]["grad"]
         row["grad_cosine"] = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+        # The scale to read it against: fp32 again with the labeled boxes jittered by another draw, as
+        # the next step would jitter them (sam.box_jitter).
+        other = sam_part(method, b, "fp32", seed=OTHER_JITTER + i)["grad"]
+        row["grad_cosine_other_jitter"] = float(torch.nn.functional.cosine_similarity(g32, other, dim=0))
         row["grad_norm_ratio"] = float(g16.norm() / g32.norm())
         rows.append(row)
         print(
             f"batch {i + 1}: SAM part fp32 {row['fp32_s']:.2f} s, bf16 {row['bf16_s']:.2f} s;"
             f" loss_sam_x {row['loss_sam_x_fp32']:.4f} / {row['loss_sam_x_bf16']:.4f};"
-            f" gradient cosine {row['grad_cosine']:.5f}",
+            f" gradient cosine {row['grad_cosine']:.5f} (fp32 with other box jitter:"
+            f" {row['grad_cosine_other_jitter']:.5f})",
             flush=True,
         )
     if not rows:
@@ -137,6 +144,8 @@ def compare(trainer, batch: int) -> dict:
             if any(r["loss_sam_agree_fp32"] > 0 for r in rows)
             else None,
             "grad_cosine_min": min(r["grad_cosine"] for r in rows),
+            "grad_cosine_median": statistics.median(r["grad_cosine"] for r in rows),
+            "grad_cosine_other_jitter_median": statistics.median(r["grad_cosine_other_jitter"] for r in rows),
             "grad_norm_ratio_median": statistics.median(r["grad_norm_ratio"] for r in rows),
             "fp32_s_median": statistics.median(r["fp32_s"] for r in rows),
             "bf16_s_median": statistics.median(r["bf16_s"] for r in rows),
@@ -167,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         f" confidence change mean {s['confidence_change_mean']:.2e}, max {s['confidence_change_max']:.3f};"
         f" SAM losses' largest relative change {s['loss_sam_x_rel_change_max']:.2e} (supervised),"
         f" {'none prompted' if agree is None else f'{agree:.2e}'} (agreement);"
-        f" LoRA gradient cosine >= {s['grad_cosine_min']:.5f};"
+        f" LoRA gradient cosine median {s['grad_cosine_median']:.5f}, min {s['grad_cosine_min']:.5f}"
+        f" (fp32 with other box jitter: median {s['grad_cosine_other_jitter_median']:.5f});"
         f" SAM part median fp32 {s['fp32_s_median']:.2f} s, bf16 {s['bf16_s_median']:.2f} s"
     )
     result |= {

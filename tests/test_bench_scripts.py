@@ -186,6 +186,7 @@ def test_sam_precision_compares_the_same_inputs_in_both_precisions(tiny_run):
     assert summary["slices"] == 2 and summary["grad_cosine_min"] == row["grad_cosine"] > 0.9
     assert row["loss_sam_x_fp32"] == first["loss_sam_x"]  # the same seed per batch as above
     assert 0 <= summary["pseudo_label_pixels_changed"] <= 1
+    assert row["grad_cosine_other_jitter"] < 1  # the reference: another draw of the labeled boxes
 
     # And a trainer still in the warm-up is refused: its pseudo-labels would not come from SAM
     trainer.iteration = 0
