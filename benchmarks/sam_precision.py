@@ -5,7 +5,9 @@ the step, through the method's own code (``SamMatch.pseudo_targets`` and ``aux_l
 inputs in both precisions. The trained run's U-Net prompts SAM from its confident predictions on
 ``--pool`` slices of each of the run's sets (step_ab's trainer, SAM's embeddings cached), in batches
 of ``--batch`` labeled + unlabeled slices, un-augmented (an identity view), the labeled boxes
-jittered alike in both. Reported, fp32 against bf16:
+jittered alike in both. SAM's LoRA adapters are first trained ``--adapt-steps`` steps on the labeled
+pool (a run's checkpoint holds adapters only if it trained SAM-Match; at LoRA's start, B = 0, the
+decoder is the pretrained one). Reported, fp32 against bf16:
 
 * the fused pseudo-labels of the unlabeled slices: the share of pixels whose label differs, and each
   class's Dice between the two (over all slices); their confidences: the mean and largest change;
@@ -15,8 +17,8 @@ jittered alike in both. Reported, fp32 against bf16:
   two fp32 gradients whose labeled boxes were jittered by different draws (as successive steps are);
 * seconds of that SAM part (prompts, decode, fusion, losses, backward) per batch.
 
-    python benchmarks/sam_precision.py --run RUN_DIR [--pool 32] [--batch 4] [--sam-cache DIR]
-        [--out runs/sam_precision.json]
+    python benchmarks/sam_precision.py --run RUN_DIR [--pool 32] [--batch 4] [--adapt-steps 200]
+        [--sam-cache DIR] [--out runs/sam_precision.json]
 """
 
 from __future__ import annotations
@@ -46,19 +48,53 @@ def sam_part(method, batch: dict, amp: str, seed: int) -> dict:
     """SAM's side of a joint step on ``batch`` with the decoder in ``amp``: the weak view's
     pseudo-label (B, S, S) and confidence (B, S, S), SAM's two losses and the LoRA gradient (flat)."""
     guide = method.guide
-    guide.cfg.amp = amp
-    method.box_gen.manual_seed(seed)  # the same jittered labeled boxes in both precisions
-    conf, label = method.pseudo_targets(**batch)
-    losses = method.aux_losses(**batch)
+    before, guide.cfg.amp = guide.cfg.amp, amp
+    try:
+        method.box_gen.manual_seed(seed)  # the same jittered labeled boxes in both precisions
+        conf, label = method.pseudo_targets(**batch)
+        losses = method.aux_losses(**batch)
+    finally:
+        guide.cfg.amp = before
     total = losses["loss_sam_x"] + losses["loss_sam_agree"]
     params = [p for p in guide.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(total, params)
+    grads = torch.autograd.grad(total, params, allow_unused=True)  # a LoRA target off the decode: None
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
     return {
         "conf": conf.detach(),
         "label": label,
         "loss_sam_x": float(losses["loss_sam_x"].detach()),
         "loss_sam_agree": float(losses["loss_sam_agree"].detach()),
         "grad": torch.cat([g.flatten() for g in grads]),
+    }
+
+
+def adapt(trainer, steps: int, batch: int) -> dict:
+    """SAM's LoRA adapters trained ``steps`` steps on the labeled pool with the method's supervised
+    loss (ground-truth boxes, jittered; fp32; the method's own optimizer), so that the comparison
+    sees adapted adapters rather than LoRA's start (B = 0: the pretrained SAM, and no gradient for
+    A). Returns the first and last losses and the adapters' mean |B|."""
+    method, lab = trainer.method, trainer.data.labeled
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        idx = torch.randint(0, len(lab), (batch,), generator=gen)
+        method.discard_step_state()
+        loss = method.aux_losses(img_x=lab.images[idx], mask_x=lab.labels[idx].long(), idx_x=idx)[
+            "loss_sam_x"
+        ]
+        method.sam_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.sam_optimizer.step()
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            print(f"adapting SAM's LoRA: step {step + 1}/{steps}, loss {losses[-1]:.4f}", flush=True)
+    method.sam_optimizer.zero_grad(set_to_none=True)
+    b = [p.detach().abs().mean() for n, p in method.guide.named_parameters() if "lora_B" in n]
+    return {
+        "steps": steps,
+        "loss_first_10": losses[:10],
+        "loss_last_10": losses[-10:],
+        "lora_b_abs_mean": float(torch.stack(b).mean()) if b else None,
     }
 
 
@@ -92,9 +128,12 @@ def compare(trainer, batch: int) -> dict:
     num_classes = trainer.cfg.model.num_classes
     rows, labels, confs = [], {a: [] for a in PRECISIONS}, {a: [] for a in PRECISIONS}
     for i, b in enumerate(batches(trainer, batch)):
+        if i == 0:  # untimed: the first calls' one-time costs
+            for amp in PRECISIONS:
+                sam_part(method, b, amp, seed=i)
         row = {"batch": i}
         out = {}
-        for amp in PRECISIONS:
+        for amp in PRECISIONS if i % 2 == 0 else PRECISIONS[::-1]:  # each first in every other batch
             t0 = time.perf_counter()  # the CPU's: nothing queued to wait for
             out[amp] = sam_part(method, b, amp, seed=i)
             row[f"{amp}_s"] = time.perf_counter() - t0
@@ -118,7 +157,7 @@ def compare(trainer, batch: int) -> dict:
             flush=True,
         )
     if not rows:
-        raise SystemExit(f"fewer than --batch {batch} slices in a pool: nothing to compare")
+        raise ValueError(f"fewer than --batch {batch} slices in a pool: nothing to compare")
     label32, label16 = torch.cat(labels["fp32"]), torch.cat(labels["bf16"])
     conf_change = (torch.cat(confs["bf16"]) - torch.cat(confs["fp32"])).abs()
     dice = {}
@@ -158,13 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_arguments(parser, pool=32, required=True)
     parser.add_argument("--batch", type=int, default=4, help="labeled (and unlabeled) slices per batch")
+    parser.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=200,
+        help="train SAM's LoRA this many steps on the labeled pool first (0: compare at LoRA's start)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/sam_precision.json"))
     allocator.add_allocator_argument(parser)
     args = parser.parse_args(argv)
     size = run_size(parser, args.run)
     allocator.relaunch(args.allocator, argv, parser)
     trainer = trainer_for("samatch", size, args.batch, "fp32", args.run, args.pool, args.sam_cache)
-    result = compare(trainer, args.batch)
+    adapted = adapt(trainer, args.adapt_steps, args.batch)
+    try:
+        result = compare(trainer, args.batch)
+    except ValueError as err:
+        parser.error(str(err))
+    result["adapt"] = adapted
     s = result["summary"]
     dice = ", ".join(
         f"class {c} {d:.4f}" for c, d in s["pseudo_label_dice_per_class"].items() if d is not None

@@ -125,8 +125,10 @@ def decode_seconds(trainer: Trainer, batch: int, repeat: int) -> list[float]:
     emb = torch.randn(2 * batch, 256, 64, 64, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([20.0, 30.0, 150.0, 170.0]).expand(2 * batch, k, 4).contiguous()
 
-    def once():
-        with guide.precision(CPU):
+    step_amp = {"dtype": torch.bfloat16, "enabled": trainer.cfg.schedule.amp == "bf16"}
+
+    def once():  # in the step's autocast, then the decoder's own precision (sam.amp)
+        with torch.autocast(CPU.type, **step_amp), guide.precision(CPU):
             logits = guide.sam.decode(emb, boxes)
         logits.float().square().mean().backward()
 

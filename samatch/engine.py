@@ -8,6 +8,7 @@ needed to resume bit-for-bit on the same device (networks, optimizer, iteration,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -384,13 +385,16 @@ def load_run_guide(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, devic
     """The SAM guide of a run: cfg.sam's backbone with the run's LoRA adapters when it trained them
     (method samatch) and ``adapted``, else with zero-initialised adapters (= the pretrained SAM).
 
-    Returns (SamGuidance in eval mode, whether adapters were loaded).
+    Returns (SamGuidance in eval mode, whether adapters were loaded). Its decoder runs in the
+    evaluation's precision (fp32), whatever ``sam.amp`` the run trained with, as ``schedule.amp``
+    concerns training only.
     """
     from samatch.methods.sam_guided import SamGuidance
     from samatch.models.lora import load_lora_state_dict
 
     state = torch.load(Path(run_dir) / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
     lora = {k[len("sam_lora.") :]: v for k, v in state["method"].items() if k.startswith("sam_lora.")}
+    cfg = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, amp="step"))
     guide = SamGuidance(cfg, cfg.model.num_classes)
     if lora and adapted:
         load_lora_state_dict(guide.sam, lora)

@@ -7,9 +7,10 @@ half-written file, and a file that cannot be read counts as missing and is prepa
 Set files (one per prepared slice set, per set of embeddings) are derived from files that stay, and
 every new grouping of a site's slices (another split, another ``max_unlabeled``, a changed case file)
 adds one, so their folder (``sets/`` in each cache folder) is pruned: :func:`keep_set` leaves the
-:data:`KEEP_SETS` most recently used (written, or read with ``mark_used``), and a set pruned is
-prepared again when next asked for. Only files named as the caches name them (a 32-digit hex key)
-are ever deleted, so a folder shared with other files loses none of them.
+:data:`KEEP_SETS` most recently used (written, or read with ``mark_used``) and every set used in the
+last :data:`KEEP_RECENT_S` seconds, and a set pruned is prepared again when next asked for. Only
+files named as the caches name them (a 32-digit hex key) are ever deleted, so a folder shared with
+other files loses none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +29,10 @@ import torch
 # Set files kept per folder, the most recently used: the labeled and unlabeled sets of 12 sites, as
 # when a simulation's sites share one folder (runs/sam_cache).
 KEEP_SETS = 24
+# ... and, however many there are, every set used within this many seconds: a simulation of more sites
+# than that uses each of its sets every round, and a count alone would prune one site's sets for
+# another's in every round, so that each site would prepare and write its sets again every round.
+KEEP_RECENT_S = 6 * 3600.0
 T = TypeVar("T")
 SET_NAME = re.compile(r"[0-9a-f]{32}\.pt")  # <key>.pt: what prune may delete
 
@@ -59,11 +65,12 @@ def keep(obj: Any, path: Path) -> bool:
 
 
 def keep_set(obj: Any, path: Path) -> bool:
-    """:func:`keep` a set file, then remove all but the :data:`KEEP_SETS` most recently used set
-    files of its folder (:func:`prune`; the new one stays). True when saved."""
+    """:func:`keep` a set file, then remove the set files of its folder beyond the :data:`KEEP_SETS`
+    most recently used and not used in the last :data:`KEEP_RECENT_S` seconds (:func:`prune`; the new
+    one stays). True when saved."""
     saved = keep(obj, path)
     if saved:
-        prune(path.parent, KEEP_SETS, spare=path)
+        prune(path.parent, KEEP_SETS, spare=path, recent_s=KEEP_RECENT_S)
     return saved
 
 
@@ -85,11 +92,11 @@ def set_or_prepare(
     return fresh
 
 
-def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Path]:
+def prune(folder: Path, keep_newest: int, spare: Path | None = None, recent_s: float = 0.0) -> list[Path]:
     """Delete the set files (``<32 hex digits>.pt``) directly in ``folder`` but the ``keep_newest``
-    most recently modified and ``spare``; returns those deleted. Other files are never touched. A
-    file that another process has mapped stays readable to it (POSIX), and one that vanishes
-    meanwhile or cannot be deleted is passed over."""
+    most recently modified, those modified in the last ``recent_s`` seconds and ``spare``; returns
+    those deleted. Other files are never touched. A file that another process has mapped stays
+    readable to it (POSIX), and one that vanishes meanwhile or cannot be deleted is passed over."""
 
     def modified(p: Path) -> float:
         try:
@@ -100,7 +107,10 @@ def prune(folder: Path, keep_newest: int, spare: Path | None = None) -> list[Pat
     sets = (p for p in folder.glob("*.pt") if SET_NAME.fullmatch(p.name) and p != spare)
     files = sorted(sets, key=modified, reverse=True)
     removed = []
+    since = time.time() - recent_s
     for p in files[max(0, keep_newest - (spare is not None)) :]:
+        if modified(p) >= since:
+            continue
         try:
             p.unlink()
         except OSError:

@@ -185,8 +185,9 @@ def test_sam_precision_compares_the_same_inputs_in_both_precisions(tiny_run):
     summary = result["summary"]
     assert summary["slices"] == 2 and summary["grad_cosine_min"] == row["grad_cosine"] > 0.9
     assert row["loss_sam_x_fp32"] == first["loss_sam_x"]  # the same seed per batch as above
-    assert 0 <= summary["pseudo_label_pixels_changed"] <= 1
-    assert row["grad_cosine_other_jitter"] < 1  # the reference: another draw of the labeled boxes
+    changed = float((first["label"] != bf16["label"]).float().mean())
+    assert summary["pseudo_label_pixels_changed"] == changed  # batch 0 with seed 0, as above
+    assert row["grad_cosine_other_jitter"] < 0.99  # the reference: another draw of the labeled boxes
 
     # And a trainer still in the warm-up is refused: its pseudo-labels would not come from SAM
     trainer.iteration = 0
@@ -194,15 +195,39 @@ def test_sam_precision_compares_the_same_inputs_in_both_precisions(tiny_run):
         compare(trainer, 2)
 
 
+def test_adapt_trains_only_the_lora_adapters_by_adams_steps(tiny_run):
+    # Setup: a SAM-Match trainer on the tiny run; LoRA's B starts at zero
+    from benchmarks.sam_precision import adapt
+    from benchmarks.step_ab import trainer_for
+
+    trainer = trainer_for("samatch", 64, 2, "fp32", tiny_run, pool=3)
+    unet = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    # Execute: three steps
+    result = adapt(trainer, 3, 2)
+
+    # Assert: B moved, by at most AdamW's step size (sam.lr = 1e-4) per step; the U-Net untouched
+    assert len(result["loss_first_10"]) == 3 and result["steps"] == 3
+    assert 0 < result["lora_b_abs_mean"] <= 3 * 1e-4 * 1.01
+    assert all(torch.equal(v, unet[k]) for k, v in trainer.model.state_dict().items())
+
+
 def test_sam_precision_script_on_a_trained_run(tmp_path, tiny_run):
     out = tmp_path / "precision.json"
-    argv = ["--run", str(tiny_run), "--pool", "3", "--batch", "2", "--out", str(out)]
+    argv = ["--run", str(tiny_run), "--pool", "3", "--batch", "2", "--adapt-steps", "2", "--out", str(out)]
     proc = run_script("sam_precision.py", *argv, cwd=tmp_path, timeout=600)
 
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["summary"]["slices"] == 2 and len(result["rows"]) == 1
     assert result["settings"]["run"] == str(tiny_run) and "pseudo-label pixels changed" in proc.stdout
+    assert result["adapt"]["steps"] == 2 and result["adapt"]["lora_b_abs_mean"] > 0
+
+    # And a pool smaller than a batch is a one-line error
+    small = run_script(
+        "sam_precision.py", *argv[:4], "--batch", "4", "--adapt-steps", "0", cwd=tmp_path, timeout=600
+    )
+    assert small.returncode == 2 and "fewer than --batch 4 slices in a pool" in small.stderr
 
 
 def test_fork_gc_children_inherit_the_heap_as_each_setting_leaves_it(tmp_path):

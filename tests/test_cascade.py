@@ -45,13 +45,14 @@ def test_predict_and_evaluate_with_sam_cascade_use_the_runs_adapters(tmp_path):
     from PIL import Image
 
     from samatch.cli import main
-    from samatch.engine import load_run_cascade, load_run_model
+    from samatch.engine import load_run_cascade, load_run_guide, load_run_model
     from samatch.evaluate import predict_label
 
     run = tmp_path / "run"
     sets = [
         "data.size=32", "data.max_unlabeled=1", "data.max_val_cases=1", "model.base_channels=4",
         "schedule.batch_size=1", "sam.cache_embeddings=false", "sam.lora_rank=2", "device=cpu",
+        "sam.amp=bf16",  # trained with a bf16 decoder; evaluated in fp32 (below)
     ]  # fmt: skip
     argv = [
         "train",
@@ -85,3 +86,6 @@ def test_predict_and_evaluate_with_sam_cascade_use_the_runs_adapters(tmp_path):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), expected[0])
     summary = json.loads((run / "eval_val_cascade" / "summary.json").read_text())
     assert set(summary["classes"]) == {"1"}
+    # The run's sam.amp (bf16) is training's: its guide decodes in the evaluation's precision
+    guide, adapted = load_run_guide(run, cfg, "best", "cpu")
+    assert cfg.sam.amp == "bf16" and guide.cfg.amp == "step" and adapted

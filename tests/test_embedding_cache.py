@@ -137,6 +137,7 @@ def test_set_files_are_pruned_and_slice_files_kept(tmp_path, monkeypatch):
     from samatch import filecache
 
     monkeypatch.setattr(filecache, "KEEP_SETS", 1)
+    monkeypatch.setattr(filecache, "KEEP_RECENT_S", 0.0)  # by count alone
     encoder = CountingEncoder()
     store = EmbeddingStore(tmp_path, encoder)
 

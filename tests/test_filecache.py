@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -77,6 +78,32 @@ def test_prune_spares_the_file_just_written_within_the_count(tmp_path):
 
     # Assert: a and the newest other (c) left, 2 in all
     assert sorted(p.name for p in tmp_path.iterdir()) == [named("a"), named("c")]
+
+
+def test_prune_keeps_sets_used_recently_beyond_the_count(tmp_path):
+    # Setup: four set files used 2 h, 30 min, 1 min and 0 s ago
+    now = time.time()
+    files_with_mtimes(tmp_path, a=now - 7200, b=now - 1800, c=now - 60, d=now)
+
+    # Execute: keep the newest one, and any used within the last hour
+    removed = filecache.prune(tmp_path, 1, recent_s=3600)
+
+    # Assert: only a (2 h) goes; b and c are beyond the count but recent
+    assert [p.name for p in removed] == [named("a")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [named("b"), named("c"), named("d")]
+
+
+def test_keep_set_prunes_no_set_used_within_keep_recent_s(tmp_path, monkeypatch):
+    # Setup: room for one set by count; two sets used just now and one a day ago
+    now = time.time()
+    files_with_mtimes(tmp_path, a=now - 86400, b=now, c=now)
+    monkeypatch.setattr(filecache, "KEEP_SETS", 1)
+
+    # Execute: a new set kept
+    assert filecache.keep_set(torch.ones(2), tmp_path / named("f"))
+
+    # Assert: the day-old set goes; the recent ones stay with the new one (a simulation of many sites)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [named("b"), named("c"), named("f")]
 
 
 def test_a_set_read_with_mark_used_outlives_older_ones(tmp_path, monkeypatch):

@@ -263,6 +263,32 @@ def test_sam_amp_runs_the_decoder_in_its_own_precision_whatever_the_steps():
     assert ((want_bf16 > 0) == (want_fp32 > 0)).float().mean() > 0.99
 
 
+def test_sam_amp_bf16_on_the_cpus_paths_valid_prompts_only_and_refined_classes_only():
+    # Prepare: the guide above in bf16, refining classes 1 and 3; 2 images x 3 boxes, two invalid
+    from samatch.config import TrainConfig, apply_overrides
+    from samatch.methods.sam_guided import SamGuidance
+
+    settings = {**TINY_JOINT, "sam.enclosed": "", "sam.amp": "bf16", "sam.refine_classes": "1,3"}
+    guide = SamGuidance(apply_overrides(TrainConfig(), settings), 4)
+    emb = torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    boxes = torch.tensor([[20.0, 30, 150, 170], [60, 60, 120, 200], [0, 0, 255, 255]]).expand(2, 3, 4)
+    valid = torch.tensor([[True, False, True], [True, True, False]])
+    with torch.no_grad():
+        want = guide.sam.decode(emb, boxes)  # fp32, every prompt
+
+        # Execute: only the valid prompts decoded (the CPU's path); only the refined classes
+        some = guide.decode(emb, boxes, 256, valid=valid)
+        refined = guide.decode(emb, boxes, 256, only_refined=True)
+
+    # Assert: float32 logits; 0 where nothing was decoded; elsewhere bf16's rounding of fp32's
+    for logits in (some, refined):
+        assert logits.dtype == torch.float32
+    assert not some[~valid].any() and not refined[:, 1].any()
+    for got, where in ((some, valid), (refined, torch.tensor([True, False, True]).expand(2, 3))):
+        assert ((got[where] > 0) == (want[where] > 0)).float().mean() > 0.99
+        assert not torch.equal(got[where], want[where])
+
+
 def test_sam_amp_rejects_other_precisions():
     from samatch.config import TrainConfig, apply_overrides
 

@@ -287,6 +287,7 @@ def test_sets_are_pruned_in_their_own_folder_and_nothing_else(tiny_acdc_h5, tmp_
     from samatch import filecache
 
     monkeypatch.setattr(filecache, "KEEP_SETS", 1)
+    monkeypatch.setattr(filecache, "KEEP_RECENT_S", 0.0)  # by count alone
     refs = train_refs(tiny_acdc_h5)
     others = [tmp_path / "best.pt", tmp_path / f"{'ab' * 16}.pt"]
     for path in others:
