@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from benchmarks.step_ab import add_run_arguments, run_size, trainer_for  # noqa: E402
 from samatch import allocator  # noqa: E402
+from samatch.evaluate import volume_dice  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 OTHER_JITTER = 1_000_000  # seeds of the reference draws: apart from the batches' own
@@ -77,11 +78,9 @@ def adapt(trainer, steps: int, batch: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     losses = []
     for step in range(steps):
-        idx = torch.randint(0, len(lab), (batch,), generator=gen)
+        img_x, mask_x, idx = lab.sample(batch, gen, "cpu")
         method.discard_step_state()
-        loss = method.aux_losses(img_x=lab.images[idx], mask_x=lab.labels[idx].long(), idx_x=idx)[
-            "loss_sam_x"
-        ]
+        loss = method.aux_losses(img_x=img_x, mask_x=mask_x, idx_x=idx)["loss_sam_x"]
         method.sam_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         method.sam_optimizer.step()
@@ -160,11 +159,9 @@ def compare(trainer, batch: int) -> dict:
         raise ValueError(f"fewer than --batch {batch} slices in a pool: nothing to compare")
     label32, label16 = torch.cat(labels["fp32"]), torch.cat(labels["bf16"])
     conf_change = (torch.cat(confs["bf16"]) - torch.cat(confs["fp32"])).abs()
-    dice = {}
-    for c in range(1, num_classes):
-        a, b = label32 == c, label16 == c
-        both = int(a.sum() + b.sum())
-        dice[str(c)] = 2 * int((a & b).sum()) / both if both else None
+    present = set(torch.cat([label32.unique(), label16.unique()]).tolist())
+    agreement = volume_dice(label16.numpy(), label32.numpy(), num_classes)  # (C-1,)
+    dice = {str(c): float(d) if c in present else None for c, d in enumerate(agreement, start=1)}
     return {
         "rows": rows,
         "summary": {
@@ -176,12 +173,13 @@ def compare(trainer, batch: int) -> dict:
                 abs(r["loss_sam_x_bf16"] / r["loss_sam_x_fp32"] - 1) for r in rows
             ),
             "loss_sam_agree_rel_change_max": max(
-                abs(r["loss_sam_agree_bf16"] / r["loss_sam_agree_fp32"] - 1)
-                for r in rows
-                if r["loss_sam_agree_fp32"] > 0
-            )
-            if any(r["loss_sam_agree_fp32"] > 0 for r in rows)
-            else None,
+                (
+                    abs(r["loss_sam_agree_bf16"] / r["loss_sam_agree_fp32"] - 1)
+                    for r in rows
+                    if r["loss_sam_agree_fp32"] > 0
+                ),
+                default=None,
+            ),
             "grad_cosine_min": min(r["grad_cosine"] for r in rows),
             "grad_cosine_median": statistics.median(r["grad_cosine"] for r in rows),
             "grad_cosine_other_jitter_median": statistics.median(r["grad_cosine_other_jitter"] for r in rows),

@@ -104,12 +104,12 @@ def prune(folder: Path, keep_newest: int, spare: Path | None = None, recent_s: f
         except OSError:
             return float("inf")  # gone already: nothing to delete
 
-    sets = (p for p in folder.glob("*.pt") if SET_NAME.fullmatch(p.name) and p != spare)
-    files = sorted(sets, key=modified, reverse=True)
+    sets = [(modified(p), p) for p in folder.glob("*.pt") if SET_NAME.fullmatch(p.name) and p != spare]
+    sets.sort(key=lambda pair: pair[0], reverse=True)
     removed = []
     since = time.time() - recent_s
-    for p in files[max(0, keep_newest - (spare is not None)) :]:
-        if modified(p) >= since:
+    for mtime, p in sets[max(0, keep_newest - (spare is not None)) :]:
+        if mtime >= since:
             continue
         try:
             p.unlink()

@@ -221,16 +221,22 @@ TINY_JOINT = {
 }
 
 
-def test_sam_amp_runs_the_decoder_in_its_own_precision_whatever_the_steps():
-    # Prepare: a LiteMedSAM guide with LoRA; 2 images x 3 boxes; the decoder's logits in fp32 and under
-    # bf16 autocast, computed directly (the expected values).
+def guide_and_prompts(**settings):
+    """A LiteMedSAM guide with LoRA (4 classes, TINY_JOINT plus ``settings``), random embeddings of 2
+    images (2, 256, 64, 64) and 3 boxes each (2, 3, 4)."""
     from samatch.config import TrainConfig, apply_overrides
     from samatch.methods.sam_guided import SamGuidance
 
-    guide = SamGuidance(apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.enclosed": ""}), 4)
-    gen = torch.Generator().manual_seed(0)
-    emb = torch.randn(2, 256, 64, 64, generator=gen)
+    guide = SamGuidance(apply_overrides(TrainConfig(), {**TINY_JOINT, "sam.enclosed": "", **settings}), 4)
+    emb = torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(0))
     boxes = torch.tensor([[20.0, 30, 150, 170], [60, 60, 120, 200], [0, 0, 255, 255]]).expand(2, 3, 4)
+    return guide, emb, boxes
+
+
+def test_sam_amp_runs_the_decoder_in_its_own_precision_whatever_the_steps():
+    # Prepare: a guide, 2 images x 3 boxes; the decoder's logits in fp32 and under bf16 autocast,
+    # computed directly (the expected values).
+    guide, emb, boxes = guide_and_prompts()
     bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
     with torch.no_grad():
         want_fp32 = guide.sam.decode(emb, boxes)
@@ -265,13 +271,7 @@ def test_sam_amp_runs_the_decoder_in_its_own_precision_whatever_the_steps():
 
 def test_sam_amp_bf16_on_the_cpus_paths_valid_prompts_only_and_refined_classes_only():
     # Prepare: the guide above in bf16, refining classes 1 and 3; 2 images x 3 boxes, two invalid
-    from samatch.config import TrainConfig, apply_overrides
-    from samatch.methods.sam_guided import SamGuidance
-
-    settings = {**TINY_JOINT, "sam.enclosed": "", "sam.amp": "bf16", "sam.refine_classes": "1,3"}
-    guide = SamGuidance(apply_overrides(TrainConfig(), settings), 4)
-    emb = torch.randn(2, 256, 64, 64, generator=torch.Generator().manual_seed(0))
-    boxes = torch.tensor([[20.0, 30, 150, 170], [60, 60, 120, 200], [0, 0, 255, 255]]).expand(2, 3, 4)
+    guide, emb, boxes = guide_and_prompts(**{"sam.amp": "bf16", "sam.refine_classes": "1,3"})
     valid = torch.tensor([[True, False, True], [True, True, False]])
     with torch.no_grad():
         want = guide.sam.decode(emb, boxes)  # fp32, every prompt
