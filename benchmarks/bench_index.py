@@ -10,16 +10,19 @@ and writes JSON to ``--out``. Asserts nothing about time: it is a measurement, n
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from samatch.io import open_dataset
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.record import write_json  # noqa: E402
+from samatch.io import open_dataset  # noqa: E402
 
 
 def peak_rss_kib() -> int:
@@ -63,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         f"best {result['seconds_best'] * 1e3:.1f} ms, median {result['seconds_median'] * 1e3:.1f} ms, "
         f"peak RSS +{result['peak_rss_delta_kib']} KiB"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return 0
 
 

@@ -91,6 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.record import write_json  # noqa: E402
 from benchmarks.round_cases import (  # noqa: E402
     ENGINES,
     FULL_CASES,
@@ -662,8 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
     print(format_table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return 0
 
 

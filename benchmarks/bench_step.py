@@ -32,7 +32,6 @@ steps timed the same way (rows and ratios carry ``cuda_graph``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -53,6 +52,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import samatch  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 from benchmarks.step_cost import device_rates, eager, floor_ms, step_cost, synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
@@ -690,8 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         result["seconds_total"] = round(time.perf_counter() - t_start, 1)
         # Other processes on the machine skew CPU timings: the 1-min load average before and after.
         result["load_average_1min"] = [load_before, round(os.getloadavg()[0], 2)]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
 
     try:
         for dev in devices:

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.record import write_json  # noqa: E402
 from deploy import warm  # noqa: E402
 from samatch.hardware import hardware  # noqa: E402
 
@@ -185,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "seconds_total": time.perf_counter() - t0,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return 0
 
 

@@ -16,7 +16,6 @@ class is present (``present``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.record import write_json  # noqa: E402
 from samatch.config import DataConfig  # noqa: E402
 from samatch.data import build_splits, load_slices, open_reader  # noqa: E402
 from samatch.methods.sam_guided import filled_masks  # noqa: E402
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/lc_iterations.json"))
     args = parser.parse_args(argv)
     rows = study(args.data, args.size, args.noise)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"size": args.size, "noise": args.noise, "rows": rows}, indent=1) + "\n")
+    write_json(args.out, {"size": args.size, "noise": args.noise, "rows": rows})
     return 0
 
 

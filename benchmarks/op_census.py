@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -34,6 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import samatch.methods.sam_guided as sam_guided  # noqa: E402
 import samatch.models.sam as sam_module  # noqa: E402
 from benchmarks.bench_step import make_config, make_data  # noqa: E402
+from benchmarks.record import write_json  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
 from samatch.prompts import _largest_component  # noqa: E402
 
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['method']}: {r['total']} operators per step")
         for part, n in r["parts"].items():
             print(f"  {part:<24} {n:6d}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"size": args.size, "batch": args.batch, "torch": torch.__version__, "steps": rows}
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, {"size": args.size, "batch": args.batch, "torch": torch.__version__, "steps": rows})
     return 0
 
 

@@ -24,7 +24,6 @@ decoder is the pretrained one). Reported, fp32 against bf16:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance, write_json  # noqa: E402
 from benchmarks.step_ab import add_run_arguments, run_size, trainer_for  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.evaluate import volume_dice  # noqa: E402
@@ -228,17 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         f" (fp32 with other box jitter: median {s['grad_cosine_other_jitter_median']:.5f});"
         f" SAM part median fp32 {s['fp32_s_median']:.2f} s, bf16 {s['bf16_s_median']:.2f} s"
     )
-    result |= {
-        "benchmark": "sam_precision",
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "allocator": allocator.describe(),
-        "settings": vars(args) | {"out": str(args.out), "run": str(args.run)},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    result |= provenance("sam_precision", args)
+    write_json(args.out, result)
     return 0
 
 

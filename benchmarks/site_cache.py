@@ -24,8 +24,6 @@ the page cache when read, as on a site that sends a message every few seconds.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+from benchmarks.record import provenance, write_json  # noqa: E402
 from samatch.config import TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import build_train_data  # noqa: E402
 from samatch.embedding_cache import EmbeddingStore  # noqa: E402
@@ -107,16 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f" the set's file, keys included {set_s:.3f} s"
         )
 
-    result = {
-        "benchmark": "site_cache",
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
-        "torch": torch.__version__,
-        "settings": vars(args) | {"out": str(args.out)},
+    result = provenance("site_cache", args) | {
         "cache_folder": tmp,  # removed
         "slices": n,
         "data_s": {
@@ -140,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             "embedding_set_file_s": set_s,
         },
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return 0
 
 

@@ -22,10 +22,8 @@ confident predictions on real slices (``--pool`` slices of each set, spread even
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_step import PassCounter, make_config, make_data  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from benchmarks.step_cost import synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import TrainConfig  # noqa: E402
@@ -212,20 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         f" over {len(pairs)} pairs; SAM decode forward + backward {summary['decode_fwd_bwd_s_median']:.2f} s;"
         f" prompts decoded per joint step {summary['prompts_decoded_per_step']:.1f} of {prompts}"
     )
-    result = {
-        "benchmark": "step_ab",
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "allocator": allocator.describe(),
-        "settings": vars(args) | {"out": str(args.out), "run": args.run and str(args.run)},
+    result = provenance("step_ab", args) | {
         "pairs": pairs,
         "decode_fwd_bwd_s": decode,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     return 0
 
 
