@@ -5,59 +5,100 @@ Checkpoints use the core's layout (``{"method": state, "config": ...}`` beside `
 ``samatch evaluate`` / :func:`samatch.engine.load_run_model` read ``best.pt`` as they read a
 centralized run's (under FedBN the global state has no BatchNorm tensors: the model loads with its
 initial BatchNorm statistics, and each site's own live only on that site).
+
+A cross-task run's global state holds one U-Net per task under wire names (``task.<T>.model.*``),
+which the core cannot load; each task therefore also gets its own run folder, ``tasks/<T>/``, with
+the task's ``config.json`` and its ``last.pt`` / ``best.pt`` (best by that task's mean validation
+Dice) under the site's own key names, so ``samatch evaluate --run <out-dir>/tasks/<T>`` works.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from federation.config import FederationConfig
+from federation.state import from_wire
 from samatch.config import TrainConfig
 
 
+def _dice(metrics: Mapping) -> float | None:
+    return metrics.get("dice_mean")
+
+
 class RunRecorder:
+    """``tasks``: a cross-task run's {task: that task's TrainConfig} (empty for a single-task run)."""
+
     def __init__(
-        self, out_dir: str | Path, cfg: TrainConfig, fed: FederationConfig, history: list | None = None
+        self,
+        out_dir: str | Path,
+        cfg: TrainConfig,
+        fed: FederationConfig,
+        history: list | None = None,
+        tasks: Mapping[str, TrainConfig] | None = None,
     ):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg, self.fed = cfg, fed
         self.rounds: list[dict] = list(history or [])
-        done = [r["evaluate"]["dice_mean"] for r in self.rounds if "dice_mean" in r.get("evaluate", {})]
-        self.best = max(done, default=-1.0)
+        self.best = self._best_so_far(lambda r: r.get("evaluate", {}))
         cfg.save(self.out / "config.json")
+        self.tasks = dict(tasks or {})
+        self.task_best = {}
+        for task, task_cfg in self.tasks.items():
+            self.task_best[task] = self._best_so_far(lambda r, t=task: r.get("evaluate-tasks", {}).get(t, {}))
+            (self.out / "tasks" / task).mkdir(parents=True, exist_ok=True)
+            task_cfg.save(self.out / "tasks" / task / "config.json")
 
-    def _save(self, name: str, state: dict[str, torch.Tensor], server_round: int) -> None:
+    def _best_so_far(self, metrics_of) -> float:
+        """The best mean Dice in the history (a resumed run), -1 for none."""
+        return max((d for r in self.rounds if (d := _dice(metrics_of(r))) is not None), default=-1.0)
+
+    def _save(
+        self, folder: Path, cfg: TrainConfig, name: str, state: dict[str, torch.Tensor], server_round: int
+    ) -> None:
         payload = {
             "method": state,
             "round": server_round,
-            "config": self.cfg.to_dict(),
+            "config": cfg.to_dict(),
             "federation": asdict(self.fed),
             "history": self.rounds,
         }
-        tmp = self.out / f"{name}.tmp"
+        tmp = folder / f"{name}.tmp"
         torch.save(payload, tmp)
-        tmp.replace(self.out / name)  # atomic: a crash never leaves a truncated checkpoint
+        tmp.replace(folder / name)  # atomic: a crash never leaves a truncated checkpoint
 
     def record(
         self, server_round: int, state: dict[str, torch.Tensor], metrics: dict, seconds: float
     ) -> dict:
-        """Append the round to results.json, save last.pt, and best.pt when mean Dice improved."""
+        """Append the round to results.json, save last.pt, and best.pt when mean Dice improved; the
+        same per task in ``tasks/<T>/`` (``row["best-tasks"]``: the tasks whose Dice improved)."""
         row = {"round": server_round, "seconds": round(seconds, 2), **metrics}
         self.rounds.append(row)
-        dice = metrics.get("evaluate", {}).get("dice_mean")
+        dice = _dice(metrics.get("evaluate", {}))
         row["best"] = dice is not None and dice > self.best
         if row["best"]:
             self.best = dice
-            self._save("best.pt", state, server_round)
-        self._save("last.pt", state, server_round)
-        (self.out / "results.json").write_text(
-            json.dumps({"rounds": self.rounds, "best_dice": self.best}, indent=1)
-        )
+            self._save(self.out, self.cfg, "best.pt", state, server_round)
+        self._save(self.out, self.cfg, "last.pt", state, server_round)
+        if self.tasks:
+            row["best-tasks"] = []
+        for task, task_cfg in self.tasks.items():
+            folder, own = self.out / "tasks" / task, from_wire(state, task)
+            dice = _dice(metrics.get("evaluate-tasks", {}).get(task, {}))
+            if dice is not None and dice > self.task_best[task]:
+                self.task_best[task] = dice
+                row["best-tasks"].append(task)
+                self._save(folder, task_cfg, "best.pt", own, server_round)
+            self._save(folder, task_cfg, "last.pt", own, server_round)
+        summary = {"rounds": self.rounds, "best_dice": self.best}
+        if self.tasks:
+            summary["best_dice_tasks"] = self.task_best
+        (self.out / "results.json").write_text(json.dumps(summary, indent=1))
         return row
 
 

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from federation.config import FederationConfig
+from samatch.models.unet import batchnorm_state_keys
 
 MODEL_PREFIX = "model."
 LORA_PREFIX = "sam_lora."
@@ -22,13 +23,7 @@ LORA_PREFIX = "sam_lora."
 
 def batchnorm_keys(method: torch.nn.Module) -> set[str]:
     """``model.``-prefixed keys of every BatchNorm parameter and buffer of the Match network."""
-    keys = set()
-    for name, module in method.model.named_modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            own = [n for n, _ in module.named_parameters(recurse=False)]
-            own += [n for n, _ in module.named_buffers(recurse=False)]
-            keys.update(f"{MODEL_PREFIX}{name}.{n}" for n in own)
-    return keys
+    return {f"{MODEL_PREFIX}{key}" for key in batchnorm_state_keys(method.model)}
 
 
 def is_lora_a(key: str) -> bool:

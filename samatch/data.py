@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,24 @@ def build_splits(reader, data_cfg, out_dir: Path | None = None):
     if out_dir is not None:
         save_splits(splits, Path(out_dir) / "splits.json")
     return splits
+
+
+def run_splits(run_dir: str | Path, reader, data_cfg):
+    """The splits a run folder's model is evaluated on: its ``splits.json``, or, in a federated run's
+    folder (the server never sees the sites' data, so it writes none), the splits its ``config.json``
+    makes. Their validation (and test) cases depend only on the dataset and ``data.seed``, so they are
+    the union of the validation cases that ``simulations.partition`` dealt to the sites."""
+    path = Path(run_dir) / "splits.json"
+    if path.is_file():
+        from samatch.splits import load_splits
+
+        return load_splits(path, reader)
+    print(
+        f"note: {path} not found (a federated run): using the splits of its config.json"
+        f" ({reader.name} at {reader.root}, data.seed {data_cfg.seed})",
+        file=sys.stderr,
+    )
+    return build_splits(reader, data_cfg)
 
 
 def build_train_data(cfg, out_dir: Path | None = None, lazy_val: bool = False) -> TrainData:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from samatch.evaluate import evaluate_cases, summarize_dice
 from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
 from samatch.methods.base import fused_optimizer
-from samatch.models.unet import build_unet
+from samatch.models.unet import batchnorm_state_keys, build_unet
 from samatch.step_graph import CudaGraphs, StepGraph
 from samatch.transfer import to_device
 
@@ -376,7 +377,16 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = 
     state = torch.load(run_dir / f"{checkpoint}.pt", map_location=dev, weights_only=False)
     model = build_unet(cfg).to(dev)
     prefix = "model."
-    model.load_state_dict({k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)})
+    own = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    missing = model.state_dict().keys() - own.keys()
+    if missing and missing <= batchnorm_state_keys(model):  # a FedBN run's global model
+        print(
+            f"note: {run_dir / f'{checkpoint}.pt'} has no BatchNorm tensors (FedBN keeps them on the"
+            " sites): the U-Net uses its initial BatchNorm parameters and statistics",
+            file=sys.stderr,
+        )
+        own = model.state_dict() | own
+    model.load_state_dict(own)
     model.eval()
     return cfg, model, dev
 

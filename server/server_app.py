@@ -68,17 +68,24 @@ def resume_point(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, str] | 
     return ckpt, str(last)
 
 
-def global_start(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, list[str], list[frozenset[str]]]:
-    """(initial global state, its shareable keys, per-task key sets). A cross-task manifest gives one
-    U-Net per task (its own classes) under ``task.<name>.`` and one set of LoRA adapters, which all
-    tasks start from (the same seed); otherwise one model and no key sets."""
-    tasks = manifest_tasks(fed.partition_manifest)
+def task_configs(cfg: TrainConfig, fed: FederationConfig) -> dict[str, TrainConfig]:
+    """A cross-task run's {task: the run's settings with the manifest's task table}; {} otherwise."""
+    return {task: apply_overrides(cfg, over) for task, over in manifest_tasks(fed.partition_manifest).items()}
+
+
+def global_start(
+    cfg: TrainConfig, fed: FederationConfig, tasks: dict[str, TrainConfig]
+) -> tuple[dict, list[str], list[frozenset[str]]]:
+    """(initial global state, its shareable keys, per-task key sets). A cross-task run (``tasks``,
+    from :func:`task_configs`) gets one U-Net per task (its own classes) under ``task.<name>.`` and
+    one set of LoRA adapters, which all tasks start from (the same seed); otherwise one model and no
+    key sets."""
     if not tasks:
         state, method = initial_state(cfg)
         return state, shareable_keys(method, fed), []
     state, key_sets = {}, []
-    for task, overrides in tasks.items():
-        task_state, method = initial_state(apply_overrides(cfg, overrides))
+    for task, task_cfg in tasks.items():
+        task_state, method = initial_state(task_cfg)
         wire = to_wire({k: task_state[k] for k in shareable_keys(method, fed)}, task, fed.share_adapters)
         for key, value in wire.items():
             state.setdefault(key, value)
@@ -89,7 +96,8 @@ def global_start(cfg: TrainConfig, fed: FederationConfig) -> tuple[dict, list[st
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = parse_run_config(dict(context.run_config))
-    state, keys, key_sets = global_start(cfg, fed)
+    tasks = task_configs(cfg, fed)
+    state, keys, key_sets = global_start(cfg, fed, tasks)
     offset, history = 0, []
     resumed = resume_point(cfg, fed)
     if resumed is not None:
@@ -125,7 +133,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes,
     )
-    recorder = RunRecorder(fed.out_dir, cfg, fed, history)
+    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks)
     if fed.server_val_root and key_sets:
         raise ValueError("server-val-root is not supported with a cross-task manifest (one U-Net per task)")
     server_val = ServerValidation.from_config(cfg, fed)
@@ -164,6 +172,19 @@ def main(grid: Grid, context: Context) -> None:
             per_class,
             " *best*" if row["best"] else "",
         )
+        if tasks:
+            by_task = row.get("evaluate-tasks", {})
+            log(
+                INFO,
+                "round %d/%d: val Dice per task: %s",
+                r,
+                fed.num_server_rounds,
+                ", ".join(
+                    f"{t} {by_task[t]['dice_mean']:.4f}{' *best*' if t in row['best-tasks'] else ''}"
+                    for t in tasks
+                    if "dice_mean" in by_task.get(t, {})
+                ),
+            )
         return MetricRecord(server_metrics) if server_metrics else None
 
     # Replies are looked for every reply-poll seconds (or as often as the wrapped Grid does), with
@@ -187,4 +208,7 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=end_of_round,
     )
     best = f"best val Dice {recorder.best:.4f}" if recorder.best >= 0 else "no federated evaluation"
+    if tasks:
+        per_task = ", ".join(f"{t} {d:.4f}" for t, d in recorder.task_best.items() if d >= 0)
+        best += f" (per task: {per_task}; run folders {recorder.out / 'tasks'})"
     log(INFO, "federated run done: %s -> %s", best, recorder.out.resolve())

@@ -14,7 +14,10 @@ from federation.aggregate import aggregate_states
 from federation.config import FederationConfig, parse_run_config, site_from_node_config
 from federation.inprocess import InProcessGrid, run_inprocess
 from federation.local import clear_sessions
+from federation.outputs import RunRecorder
 from federation.state import from_record, from_wire, task_of_keys, to_wire
+from samatch.config import TrainConfig, apply_overrides
+from samatch.engine import load_run_model
 from server.server_app import app as server_app
 
 TASKS = {
@@ -157,6 +160,54 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
     assert "dice_lesion" in results["rounds"][-1]["evaluate-tasks"]["lesion"]
     # plain averaging of sites' A and B: its gap from averaging B @ A is measured every round
     assert all(0.0 <= r["lora-avg-bias"] < 10.0 for r in results["rounds"])
+    # Each task's run folder holds its U-Net under the core's names, loadable as a centralized run's
+    _, lesion_unet, _ = load_run_model(tmp_path / "run" / "tasks" / "lesion", "last", device="cpu")
+    assert lesion_unet.state_dict().keys() == {
+        k[len("task.lesion.model.") :] for k in final if k.startswith("task.lesion.model.")
+    }
+    for key, value in lesion_unet.state_dict().items():
+        assert torch.equal(value, final[f"task.lesion.model.{key}"]), key
+    assert set(results["best_dice_tasks"]) == {"cardiac", "lesion"}
+
+
+def test_recorder_keeps_a_run_folder_per_task(tmp_path):
+    # Prepare: a two-task global state under wire names; three rounds whose best global mean Dice
+    # (round 3), best cardiac Dice (round 2) and best lesion Dice (round 1) fall in different rounds
+    cfg = TrainConfig()
+    tasks = {t: apply_overrides(cfg, over) for t, over in TASKS.items()}
+    recorder = RunRecorder(tmp_path, cfg, FederationConfig(), tasks=tasks)
+    dice = {1: (0.2, 0.5), 2: (0.4, 0.3), 3: (0.3, 0.45)}  # round: (cardiac, lesion); means .35 .35 .375
+
+    # Execute
+    rows = []
+    for rnd, (cardiac, lesion) in dice.items():
+        state = {
+            "task.cardiac.model.w": torch.tensor([float(rnd)]),
+            "task.lesion.model.w": torch.tensor([10.0 + rnd]),
+            "sam_lora.a": torch.tensor([100.0 + rnd]),
+        }
+        metrics = {
+            "evaluate": {"dice_mean": (cardiac + lesion) / 2},
+            "evaluate-tasks": {"cardiac": {"dice_mean": cardiac}, "lesion": {"dice_mean": lesion}},
+        }
+        rows.append(recorder.record(rnd, state, metrics, 1.0))
+
+    # Assert: the global best and each task's best are kept apart, under the site's own key names
+    def saved(*path):
+        ckpt = torch.load(tmp_path.joinpath(*path), weights_only=False)
+        return ckpt["round"], {k: v.item() for k, v in ckpt["method"].items()}
+
+    assert [r["best-tasks"] for r in rows] == [["cardiac", "lesion"], ["cardiac"], []]
+    assert saved("best.pt")[0] == 3
+    assert saved("tasks", "cardiac", "best.pt") == (2, {"model.w": 2.0, "sam_lora.a": 102.0})
+    assert saved("tasks", "lesion", "best.pt") == (1, {"model.w": 11.0, "sam_lora.a": 101.0})
+    assert saved("tasks", "lesion", "last.pt") == (3, {"model.w": 13.0, "sam_lora.a": 103.0})
+    assert TrainConfig.load(tmp_path / "tasks" / "lesion" / "config.json").model.num_classes == 2
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["best_dice_tasks"] == {"cardiac": 0.4, "lesion": 0.5}
+    # A resumed run starts from the history's per-task bests
+    resumed = RunRecorder(tmp_path, cfg, FederationConfig(), history=results["rounds"], tasks=tasks)
+    assert resumed.task_best == {"cardiac": 0.4, "lesion": 0.5} and resumed.best == 0.375
 
 
 def test_crosstask_runner_manifest_and_table(tmp_path):

@@ -21,6 +21,7 @@ from federation.config import FederationConfig, parse_run_config, site_from_node
 from federation.inprocess import run_inprocess
 from federation.local import clear_sessions
 from federation.state import batchnorm_keys, from_record, record_nbytes, shareable_keys, to_record
+from samatch.engine import load_run_model
 from server.server_app import app as server_app
 from server.strategy import FedSAMatch
 
@@ -286,6 +287,10 @@ def test_federated_run_sends_only_allowed_tensors(tmp_path, fedbn, transport):
     assert any(not torch.equal(last["method"][k], init[k]) for k in allowed if init[k].is_floating_point())
     results = (run / "results.json").read_text()
     assert '"round": 2' in results and "dice_mean" in results and (run / "best.pt").is_file()
+    # The core loads the global U-Net (under FedBN with its initial BatchNorm tensors)
+    _, unet, _ = load_run_model(run, "last", device="cpu")
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, last["method"].get(f"model.{key}", init[f"model.{key}"])), key
 
 
 def test_resume_gives_the_uninterrupted_model(tmp_path):
@@ -546,6 +551,37 @@ def test_partitions_are_disjoint_by_patient_with_one_labeled_each(tmp_path, part
     assert sorted(len(s.patients["val"]) for s in splits) == [2, 2, 2]
     if partitioner in ("iid", "labeled", "shift"):
         assert [len(t) for t in train] == [8, 8, 8]
+
+
+def test_a_federated_run_folder_is_evaluated_on_the_union_of_the_sites_validation_cases(
+    busi_root, tmp_path, capsys
+):
+    # Prepare: real BUSI (no validation list of its own: a seeded holdout) dealt to 3 hospitals, and
+    # a federated run's folder: config.json, no splits.json (the server never sees the sites' data)
+    from samatch.config import DataConfig, TrainConfig
+    from samatch.data import open_reader, run_splits
+    from samatch.splits import load_splits, save_splits
+    from simulations.partition import partition
+
+    data = DataConfig(root=str(busi_root), format="busi")
+    manifest = partition(data, 3, "iid", tmp_path / "partition", labeled_per_site=10)
+    sites = json.loads(manifest.read_text())["sites"]
+    site_val = [load_splits(tmp_path / "partition" / s["splits_file"]).val for s in sites]
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(data=data).save(run / "config.json")
+    reader = open_reader(data)
+
+    # Execute
+    splits = run_splits(run, reader, data)
+
+    # Assert: the sites' validation cases, together, without overlap; the fallback is announced
+    assert sorted(splits.val) == sorted(c for val in site_val for c in val)
+    assert sum(map(len, site_val)) == len(splits.val) > 0
+    assert "splits.json not found (a federated run)" in capsys.readouterr().err
+    # A run folder's own splits.json wins
+    save_splits(load_splits(tmp_path / "partition" / sites[0]["splits_file"]), run / "splits.json")
+    assert run_splits(run, reader, data).val == site_val[0]
 
 
 def test_manifest_site_from_node_config(tmp_path):

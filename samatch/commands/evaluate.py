@@ -39,17 +39,16 @@ def format_summary(summary: dict, class_names) -> str:
 
 
 def run(args) -> int:
-    from samatch.data import load_volumes, open_reader
+    from samatch.data import load_volumes, open_reader, run_splits
     from samatch.engine import load_run_cascade, load_run_model
     from samatch.evaluate import evaluate_cases
     from samatch.metrics import summarize, write_case_csv, write_summary_json
-    from samatch.splits import load_splits
 
     cfg, model, device = load_run_model(args.run, args.checkpoint, args.device)
     if args.data:
         cfg.data.root = args.data
     reader = open_reader(cfg.data)
-    splits = load_splits(Path(args.run) / "splits.json", reader)
+    splits = run_splits(args.run, reader, cfg.data)
     ids = getattr(splits, args.split)
     if not ids:
         raise ValueError(

@@ -23,10 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from samatch.data import load_volumes, open_reader
+    from samatch.data import load_volumes, open_reader, run_splits
     from samatch.engine import load_run_guide, load_run_model
     from samatch.sam_report import collect_slices, format_report, pseudo_label_dice, summarize_report
-    from samatch.splits import load_splits
 
     cfg, model, device = load_run_model(args.run, args.checkpoint, args.device)
     if args.data:
@@ -34,7 +33,7 @@ def run(args) -> int:
     if args.enclosed is not None:
         cfg.sam.enclosed = args.enclosed
     reader = open_reader(cfg.data)
-    splits = load_splits(Path(args.run) / "splits.json", reader)
+    splits = run_splits(args.run, reader, cfg.data)
     refs = {r.case_id: r for r in reader.cases(None)}
     cases = load_volumes([refs[i] for i in splits.val], desc="val")
     images, labels = collect_slices(cases, cfg.data.size, args.max_slices, cfg.seed)

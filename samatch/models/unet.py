@@ -97,3 +97,13 @@ def build_unet(cfg) -> UNet:
         tuple(cfg.model.dropout),
         cfg.method.feature_dropout,
     )
+
+
+def batchnorm_state_keys(module: nn.Module) -> set[str]:
+    """State-dict keys of every BatchNorm parameter and buffer inside ``module`` (what FedBN keeps
+    on the sites)."""
+    keys = set()
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            keys.update(f"{name}.{key}" for key in sub.state_dict())
+    return keys
