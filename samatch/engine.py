@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from samatch.config import CUDA_GRAPH_MODES, TrainConfig
 from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
+from samatch.hardware import cpu_has_bf16_units
 from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
 from samatch.methods.base import fused_optimizer
@@ -71,6 +73,13 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu" and cfg.schedule.keep_host_memory:
             keep_freed_host_memory()  # process-wide (samatch.hostmem)
+        bf16 = [k for k, v in (("schedule.amp", cfg.schedule.amp), ("sam.amp", cfg.sam.amp)) if v == "bf16"]
+        if self.device.type == "cpu" and bf16 and not cpu_has_bf16_units():
+            warnings.warn(
+                f"{' and '.join(bf16)}=bf16 on a CPU without bf16 units (no AVX-512 bf16, AMX or Arm"
+                " bf16): torch emulates bf16 there, likely slower than fp32",
+                stacklevel=2,
+            )
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # batches (and augmentations, eager)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import pytest
 import torch
@@ -102,6 +103,38 @@ def test_step_reports_the_poly_lr_and_sets_it_on_the_optimizer(phantom_data):
     assert logs[1]["lr"] == pytest.approx(cfg.schedule.lr * 0.75**0.9)  # iteration 1 of 4
     assert trainer.optimizer.param_groups[0]["lr"] == logs[1]["lr"]
     assert all(torch.isfinite(v).all() for v in logs[1].values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize(
+    "lines, expected",
+    [
+        (["fpu vme avx512f avx512bw avx512_vnni"], False),  # AVX-512 without its bf16 extension
+        (["fpu avx512f avx512_bf16", "fpu avx512f avx512_bf16"], True),  # one line per core
+        (["fpu avx512f amx_tile amx_bf16"], True),
+        (["fp asimd sve bf16 i8mm"], True),  # Arm's Features line
+        (["fp asimd sve"], False),
+    ],
+)
+def test_cpu_bf16_units_from_the_cpu_flags(monkeypatch, lines, expected):
+    from samatch import hardware
+
+    monkeypatch.setattr(hardware, "_cpuinfo", lambda *fields: lines)
+    assert hardware.cpu_has_bf16_units() is expected
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_warned(phantom_data, monkeypatch):
+    import samatch.engine
+
+    cfg, data = phantom_data
+    monkeypatch.setattr(samatch.engine, "cpu_has_bf16_units", lambda: False)
+    with pytest.warns(UserWarning, match="sam.amp=bf16 on a CPU without bf16 units"):
+        Trainer(apply_overrides(cfg, {"sam.amp": "bf16"}), data)
+    with pytest.warns(UserWarning, match="schedule.amp and sam.amp=bf16 on a CPU"):
+        Trainer(apply_overrides(cfg, {"sam.amp": "bf16", "schedule.amp": "bf16"}), data)
+    monkeypatch.setattr(samatch.engine, "cpu_has_bf16_units", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(apply_overrides(cfg, {"schedule.amp": "bf16"}), data)
 
 
 def test_optimizers_run_torch_fused_kernels_where_it_has_them(phantom_data):
