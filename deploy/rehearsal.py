@@ -150,11 +150,15 @@ class Rehearsal:
         self.sites = [f"hospital{chr(ord('A') + i)}" for i in range(self.cfg.sites)]
         self.runtime_ports = {site: free_port() for site in self.sites}
         self.site_specs = self.cfg.site_data(self.root, self.sites)
-        self.data_roots = {site: Path(spec.data_root) for site, spec in self.site_specs.items()}
         self.site_homes = {site: self.root / "sites" / site / "flwr-home" for site in self.sites}
         self.node_ids: dict[str, int] = {}
         self.procs = ProcessSet(self.root / "logs", env=flower_env())
         self.commands: list[str] = []
+
+    @property
+    def data_roots(self) -> dict[str, Path]:
+        """{site: its data folder}, from ``site_specs``."""
+        return {site: Path(spec.data_root) for site, spec in self.site_specs.items()}
 
     # ---- commands ----------------------------------------------------------------------------------
     def _argv(self, *args: str) -> list[str]:
