@@ -266,7 +266,8 @@ def run_splits(run_dir: str | Path, reader, data_cfg):
     """The splits a run folder's model is evaluated on: its ``splits.json``, or, in a federated run's
     folder (the server never sees the sites' data, so it writes none), the splits its ``config.json``
     makes. Their validation (and test) cases depend only on the dataset and ``data.seed``, so they are
-    the union of the validation cases that ``simulations.partition`` dealt to the sites."""
+    the union of the validation cases that ``simulations.partition`` dealt to the sites (phantom
+    sites without a manifest are each their own phantom: ``data.root`` "0,1,2" pools them)."""
     path = Path(run_dir) / "splits.json"
     if path.is_file():
         from samatch.splits import load_splits
