@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from samatch.io import open_dataset  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         f"best {result['seconds_best'] * 1e3:.1f} ms, median {result['seconds_median'] * 1e3:.1f} ms, "
         f"peak RSS +{result['peak_rss_delta_kib']} KiB"
     )
-    write_json(args.out, result)
+    write_json(args.out, provenance("index_acdc_train_slices", __file__, args, argv) | result)
     return 0
 
 

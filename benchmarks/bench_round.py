@@ -91,7 +91,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from benchmarks.round_cases import (  # noqa: E402
     ENGINES,
     FULL_CASES,
@@ -109,7 +109,6 @@ from deploy.commands import run_config_arg  # noqa: E402
 from deploy.node import RuntimeSettings  # noqa: E402
 from deploy.procs import free_port, processes_with_env  # noqa: E402
 from federation import pull_retry  # noqa: E402
-from samatch.hardware import hardware  # noqa: E402
 
 # ---- flwr run and deployment engines ----------------------------------------------------------------
 
@@ -627,11 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         sites_root=args.sites_root,
     )
     cases = select_cases(args.engines, args.quick, args.methods, args.only)
-    result = {
-        "benchmark": "federation_round",
-        "command": "python benchmarks/bench_round.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "hardware": hardware(),
+    result = provenance("federation_round", __file__, args, argv) | {
         "scale": asdict(scale),
         "goals": {"overhead_s": GOAL_OVERHEAD_S, "bytes_per_site": GOAL_BYTES},
     }

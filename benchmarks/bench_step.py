@@ -52,13 +52,12 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 import samatch  # noqa: E402
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from benchmarks.step_cost import device_rates, eager, floor_ms, step_cost, synced_seconds  # noqa: E402
 from samatch import allocator  # noqa: E402
 from samatch.config import COMPILE_MODES, TrainConfig, apply_overrides  # noqa: E402
 from samatch.data import SliceSet, TrainData, build_train_data  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
-from samatch.hardware import hardware  # noqa: E402
 from samatch.losses import binary_ce_loss, binary_dice_loss, ce_loss  # noqa: E402
 from samatch.methods.match import cutmix  # noqa: E402
 from samatch.methods.sam_guided import SAM_GRID, SamMatch, filled_masks  # noqa: E402
@@ -672,16 +671,12 @@ def main(argv: list[str] | None = None) -> int:
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "auto" and torch.cuda.is_available():
         devices.append("cuda")
-    result = {
-        "benchmark": "train_step",
-        "command": "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+    result = provenance("train_step", __file__, args, argv) | {
         "size": size,
         "batches": batches,
-        "hardware": hardware(),
-        "settings": {"overrides": settings},
         "results": [],
     }
+    result["settings"]["overrides"] = settings
     t_start = time.perf_counter()
     load_before = round(os.getloadavg()[0], 2)
 

@@ -43,9 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from deploy import warm  # noqa: E402
-from samatch.hardware import hardware  # noqa: E402
 
 
 def child_build() -> dict:
@@ -177,11 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for setting in SETTINGS
     }
-    result = {
-        "benchmark": "fork_gc",
-        "command": " ".join(["python", "benchmarks/fork_gc.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": time.strftime("%Y-%m-%d"),
-        "hardware": hardware(),
+    result = provenance("fork_gc", __file__, args, argv) | {
         "children": children,
         "summary": summary,
         "seconds_total": time.perf_counter() - t0,

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from samatch.config import DataConfig  # noqa: E402
 from samatch.data import build_splits, load_slices, open_reader  # noqa: E402
 from samatch.methods.sam_guided import filled_masks  # noqa: E402
@@ -115,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/lc_iterations.json"))
     args = parser.parse_args(argv)
     rows = study(args.data, args.size, args.noise)
-    write_json(args.out, {"size": args.size, "noise": args.noise, "rows": rows})
+    write_json(
+        args.out,
+        provenance("lc_iterations", __file__, args, argv)
+        | {"size": args.size, "noise": args.noise, "rows": rows},
+    )
     return 0
 
 

@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 import samatch.methods.sam_guided as sam_guided  # noqa: E402
 import samatch.models.sam as sam_module  # noqa: E402
 from benchmarks.bench_step import make_config, make_data  # noqa: E402
-from benchmarks.record import write_json  # noqa: E402
+from benchmarks.record import provenance, write_json  # noqa: E402
 from samatch.engine import Trainer  # noqa: E402
 from samatch.prompts import _largest_component  # noqa: E402
 
@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['method']}: {r['total']} operators per step")
         for part, n in r["parts"].items():
             print(f"  {part:<24} {n:6d}")
-    write_json(args.out, {"size": args.size, "batch": args.batch, "torch": torch.__version__, "steps": rows})
+    write_json(
+        args.out,
+        provenance("op_census", __file__, args, argv)
+        | {"size": args.size, "batch": args.batch, "steps": rows},
+    )
     return 0
 
 

@@ -12,13 +12,16 @@ from pathlib import Path
 from samatch.hardware import hardware
 
 
-def provenance(name: str, args: argparse.Namespace) -> dict:
-    """The fields that open a benchmark's result: its name, the command line, the date,
-    :func:`samatch.hardware.hardware` (CPU, torch and its threads, GPU, heap allocator) and the parsed
-    options (paths as text)."""
+def provenance(name: str, script: str, args: argparse.Namespace, argv: list[str] | None) -> dict:
+    """The fields that open a benchmark's result: its name, the command line that reruns it (from
+    ``script``, the benchmark's ``__file__``, and ``argv``, its ``main``'s arguments: the process's
+    own when None), the date, :func:`samatch.hardware.hardware` (CPU and its bf16 units, torch and its
+    threads, GPU, heap allocator) and the parsed options (paths as text)."""
     return {
         "benchmark": name,
-        "command": " ".join(sys.argv),
+        "command": " ".join(
+            ["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "hardware": hardware(),
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

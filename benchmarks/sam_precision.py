@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         f" (fp32 with other box jitter: median {s['grad_cosine_other_jitter_median']:.5f});"
         f" SAM part median fp32 {s['fp32_s_median']:.2f} s, bf16 {s['bf16_s_median']:.2f} s"
     )
-    result |= provenance("sam_precision", args)
+    result |= provenance("sam_precision", __file__, args, argv)
     write_json(args.out, result)
     return 0
 

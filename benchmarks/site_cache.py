@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             f" the set's file, keys included {set_s:.3f} s"
         )
 
-    result = provenance("site_cache", args) | {
+    result = provenance("site_cache", __file__, args, argv) | {
         "cache_folder": tmp,  # removed
         "slices": n,
         "data_s": {

@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         f" over {len(pairs)} pairs; SAM decode forward + backward {summary['decode_fwd_bwd_s_median']:.2f} s;"
         f" prompts decoded per joint step {summary['prompts_decoded_per_step']:.1f} of {prompts}"
     )
-    result = provenance("step_ab", args) | {
+    result = provenance("step_ab", __file__, args, argv) | {
         "pairs": pairs,
         "decode_fwd_bwd_s": decode,
         "summary": summary,

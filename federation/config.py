@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from samatch.config import TrainConfig, apply_overrides, coerce_value
+from samatch.splits import Splits, load_splits, union_splits
 
 WEIGHTS = ("labeled", "unlabeled", "both")
 LORA_MODES = ("avg", "ffa")
@@ -263,6 +264,23 @@ def manifest_tasks(manifest_path: str) -> dict[str, dict[str, Any]]:
             over["data.root"] = str((path.parent / root).resolve())
         out[name] = over
     return out
+
+
+def manifest_splits(manifest_path: str) -> dict[str, Splits]:
+    """{task ("" in a single-task manifest): the union of its sites' splits files}, for each task
+    whose every site names one (``simulations.partition`` writes them); the other tasks' sites make
+    their splits from the run's settings, and their run folder goes without."""
+    if not manifest_path:
+        return {}
+    path = Path(manifest_path)
+    files: dict[str, list[str]] = {}
+    for site in json.loads(path.read_text()).get("sites", []):
+        files.setdefault(site.get("task", ""), []).append(site.get("splits_file", ""))
+    return {
+        task: union_splits([load_splits(path.parent / name) for name in names])
+        for task, names in files.items()
+        if all(names)
+    }
 
 
 def task_overrides(manifest_path: str, task: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ Dice) under the site's own key names, so ``samatch evaluate --run <out-dir>/task
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 from federation.config import FederationConfig
 from federation.state import from_wire
 from samatch.config import TrainConfig
+from samatch.splits import Splits, save_splits
 
 
 def _dice(metrics: Mapping) -> float | None:
@@ -40,22 +41,35 @@ class RunRecorder:
         fed: FederationConfig,
         history: list | None = None,
         tasks: Mapping[str, TrainConfig] | None = None,
+        splits: Mapping[str, Splits] | None = None,
     ):
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.cfg, self.fed = cfg, fed
         self.rounds: list[dict] = list(history or [])
-        self.best = self._best_so_far(lambda r: r.get("evaluate", {}))
-        cfg.save(self.out / "config.json")
         self.tasks = dict(tasks or {})
-        self.task_best = {}
+        splits = splits or {}
+        self.best = self._best_so_far(self.out, lambda r: r.get("evaluate", {}))
+        cfg.save(self.out / "config.json")
+        if "" in splits:
+            save_splits(splits[""], self.out / "splits.json")
+        self.task_best: dict[str, float] = {}
         for task, task_cfg in self.tasks.items():
-            self.task_best[task] = self._best_so_far(lambda r, t=task: r.get("evaluate-tasks", {}).get(t, {}))
-            (self.out / "tasks" / task).mkdir(parents=True, exist_ok=True)
-            task_cfg.save(self.out / "tasks" / task / "config.json")
+            folder = self.out / "tasks" / task
+            folder.mkdir(parents=True, exist_ok=True)
+            task_cfg.save(folder / "config.json")
+            if task in splits:
+                save_splits(splits[task], folder / "splits.json")
+            self.task_best[task] = self._best_so_far(
+                folder, lambda r, t=task: r.get("evaluate-tasks", {}).get(t, {})
+            )
 
-    def _best_so_far(self, metrics_of) -> float:
-        """The best mean Dice in the history (a resumed run), -1 for none."""
+    def _best_so_far(self, folder: Path, metrics_of: Callable[[dict], Mapping]) -> float:
+        """The best mean Dice in the history (a resumed run) when ``folder`` holds its best.pt, else -1
+        (a run resumed into another folder, or written before per-task folders: the next round's
+        model becomes best.pt)."""
+        if not (folder / "best.pt").is_file():
+            return -1.0
         return max((d for r in self.rounds if (d := _dice(metrics_of(r))) is not None), default=-1.0)
 
     def _save(
@@ -100,6 +114,18 @@ class RunRecorder:
             summary["best_dice_tasks"] = self.task_best
         (self.out / "results.json").write_text(json.dumps(summary, indent=1))
         return row
+
+    def task_dice(self, row: dict | None = None) -> str:
+        """A cross-task round's (``row``, as :meth:`record` returned it) or, without one, the run's best
+        Dice per task, e.g. "acdc 0.8123 *best*, busi 0.5510"; "" when no task has one."""
+        if row is None:
+            return ", ".join(f"{t} {d:.4f}" for t, d in self.task_best.items() if d >= 0)
+        by_task = row.get("evaluate-tasks", {})
+        return ", ".join(
+            f"{t} {d:.4f}{' *best*' if t in row.get('best-tasks', []) else ''}"
+            for t in self.tasks
+            if (d := _dice(by_task.get(t, {}))) is not None
+        )
 
 
 def load_resume(path: str | Path) -> dict:

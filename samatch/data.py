@@ -263,18 +263,18 @@ def build_splits(reader, data_cfg, out_dir: Path | None = None):
 
 
 def run_splits(run_dir: str | Path, reader, data_cfg):
-    """The splits a run folder's model is evaluated on: its ``splits.json``, or, in a federated run's
-    folder (the server never sees the sites' data, so it writes none), the splits its ``config.json``
-    makes. Their validation (and test) cases depend only on the dataset and ``data.seed``, so they are
-    the union of the validation cases that ``simulations.partition`` dealt to the sites (phantom
-    sites without a manifest are each their own phantom: ``data.root`` "0,1,2" pools them)."""
+    """The splits a run folder's model is evaluated on: its ``splits.json``, else (a federated run
+    whose sites made their own splits: the server never sees them) the splits its ``config.json``
+    makes, which are those sites' when they made theirs from the same data settings and seed. A
+    federation over ``simulations.partition``'s sites has a ``splits.json``: the server writes the
+    union of the sites' (``federation.config.manifest_splits``)."""
     path = Path(run_dir) / "splits.json"
     if path.is_file():
         from samatch.splits import load_splits
 
         return load_splits(path, reader)
     print(
-        f"note: {path} not found (a federated run): using the splits of its config.json"
+        f"note: {path} not found: using the splits its config.json makes"
         f" ({reader.name} at {reader.root}, data.seed {data_cfg.seed})",
         file=sys.stderr,
     )

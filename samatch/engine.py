@@ -54,6 +54,22 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
     return base * max(0.0, 1.0 - it / total) ** power
 
 
+def slow_bf16(cfg: TrainConfig, device: torch.device) -> str | None:
+    """Why ``cfg`` asks for bf16 where it is likely slower than fp32 (a CPU without bf16 units), or
+    None: ``schedule.amp``, and ``sam.amp`` for the method that has SAM."""
+    asked = [
+        ("schedule.amp", cfg.schedule.amp),
+        ("sam.amp", cfg.sam.amp if cfg.method.name == "samatch" else ""),
+    ]
+    bf16 = [key for key, value in asked if value == "bf16"]
+    if device.type != "cpu" or not bf16 or cpu_has_bf16_units() is not False:  # None: not known
+        return None
+    return (
+        f"{' and '.join(bf16)}=bf16 on a CPU without bf16 units (no AVX-512 bf16, AMX or Arm bf16):"
+        " torch emulates bf16 there, likely slower than fp32"
+    )
+
+
 class Trainer:
     """``graph_backend``: how ``schedule.cuda_graph`` records the step (:mod:`samatch.step_graph`),
     called with the generators the step draws from; the tests pass a CPU stand-in."""
@@ -73,13 +89,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cpu" and cfg.schedule.keep_host_memory:
             keep_freed_host_memory()  # process-wide (samatch.hostmem)
-        bf16 = [k for k, v in (("schedule.amp", cfg.schedule.amp), ("sam.amp", cfg.sam.amp)) if v == "bf16"]
-        if self.device.type == "cpu" and bf16 and not cpu_has_bf16_units():
-            warnings.warn(
-                f"{' and '.join(bf16)}=bf16 on a CPU without bf16 units (no AVX-512 bf16, AMX or Arm"
-                " bf16): torch emulates bf16 there, likely slower than fp32",
-                stacklevel=2,
-            )
+        if (why := slow_bf16(cfg, self.device)) is not None:
+            warnings.warn(why, stacklevel=2)
         self.out = Path(out_dir) if out_dir else None
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # batches (and augmentations, eager)
@@ -383,15 +394,24 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = 
             raise FileNotFoundError(f"{run_dir / need}: not found (is this a run folder?)")
     cfg = TrainConfig.load(run_dir / "config.json")
     dev = resolve_device(device)
-    state = torch.load(run_dir / f"{checkpoint}.pt", map_location=dev, weights_only=False)
+    path = run_dir / f"{checkpoint}.pt"
+    state = torch.load(path, map_location=dev, weights_only=False)
     model = build_unet(cfg).to(dev)
     prefix = "model."
     own = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
     missing = model.state_dict().keys() - own.keys()
-    if missing and missing <= batchnorm_state_keys(model):  # a FedBN run's global model
+    absent = sorted(missing - batchnorm_state_keys(model))  # FedBN keeps only BatchNorm on the sites
+    if absent:
+        where = (
+            "; a cross-task run: each task's U-Net is in tasks/<task>/"
+            if any(k.startswith("task.") for k in state["method"])
+            else ""
+        )
+        raise ValueError(f"{path}: no U-Net tensor {absent[0]} ({len(absent)} missing){where}")
+    if missing:  # a FedBN run's global model
         print(
-            f"note: {run_dir / f'{checkpoint}.pt'} has no BatchNorm tensors (FedBN keeps them on the"
-            " sites): the U-Net uses its initial BatchNorm parameters and statistics",
+            f"note: {path} has no BatchNorm tensors (FedBN keeps them on the sites): the U-Net uses its"
+            " initial BatchNorm parameters and statistics",
             file=sys.stderr,
         )
         own = model.state_dict() | own
@@ -409,13 +429,22 @@ def load_run_guide(run_dir: str | Path, cfg: TrainConfig, checkpoint: str, devic
     concerns training only.
     """
     from samatch.methods.sam_guided import SamGuidance
-    from samatch.models.lora import load_lora_state_dict
+    from samatch.models.lora import load_lora_state_dict, lora_state_dict
 
-    state = torch.load(Path(run_dir) / f"{checkpoint}.pt", map_location="cpu", weights_only=False)
+    path = Path(run_dir) / f"{checkpoint}.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
     lora = {k[len("sam_lora.") :]: v for k, v in state["method"].items() if k.startswith("sam_lora.")}
     cfg = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, amp="step"))
     guide = SamGuidance(cfg, cfg.model.num_classes)
     if lora and adapted:
+        if cfg.sam.lora_freeze_a and not any(".lora_A." in k for k in lora):
+            # FFA-LoRA: the A matrices are drawn from the run's seed and never sent (a federated
+            # checkpoint); this guide drew the same ones.
+            print(
+                f"note: {path} has no LoRA A (FFA-LoRA): using the ones drawn from seed {cfg.seed}",
+                file=sys.stderr,
+            )
+            lora = lora_state_dict(guide.sam) | lora
         load_lora_state_dict(guide.sam, lora)
     return guide.to(device).eval(), bool(lora and adapted)
 

@@ -27,14 +27,17 @@ def cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def cpu_has_bf16_units() -> bool:
-    """Whether the CPU multiplies bf16 natively (x86 AVX-512 bf16 or AMX, Arm's bf16 extension).
-    Without such units torch still runs bf16 autocast on the CPU, converting to and from fp32, likely
-    slower than fp32 itself (not measured here: this project's CPU has bf16 units). From
-    /proc/cpuinfo's flags, else torch's own x86 checks."""
+def cpu_has_bf16_units() -> bool | None:
+    """Whether the CPU multiplies bf16 natively (x86 AVX-512 bf16 or AMX, Arm's bf16 extension);
+    None where that is not known (no /proc/cpuinfo and not x86: e.g. Apple silicon). Without such
+    units torch still runs bf16 autocast on the CPU, converting to and from fp32, likely slower than
+    fp32 itself (not measured here: this project's CPU has bf16 units). From /proc/cpuinfo's flags,
+    else torch's own x86 checks."""
     flags = {flag for line in _cpuinfo("flags", "Features") for flag in line.split()}
     if flags:
         return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return None
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 

@@ -70,6 +70,23 @@ class Splits:
                 raise DataError(where, f"split {name} lists a case twice")
 
 
+def union_splits(parts: list[Splits]) -> Splits:
+    """The sites' splits pooled: every split the concatenation of theirs (a centralized view of a
+    federation); the budget counts labeled patients. Not checked: callers check where they know the
+    source (a site's case in two sites' splits is a partition error)."""
+    first = parts[0]
+    return Splits(
+        **{name: [c for part in parts for c in getattr(part, name)] for name in SPLIT_NAMES},
+        format=first.format,
+        budget=sum(len(part.patients.get("labeled", [])) for part in parts),
+        unit="patients",
+        seed=first.seed,
+        patients={
+            name: sorted({p for part in parts for p in part.patients.get(name, [])}) for name in SPLIT_NAMES
+        },
+    )
+
+
 def _count(refs: list[CaseRef], unit: str, where: Path) -> int:
     if unit == "patients":
         return 1

@@ -24,7 +24,7 @@ export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:
 export RAY_DEDUP_LOGS=0
 # Ray's start-up FutureWarning about a future default (that actors asking for no GPU will no longer have
 # CUDA_VISIBLE_DEVICES emptied) is hidden; the current behaviour, which hides GPUs from them, is kept.
-export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore::FutureWarning:ray._private.worker"
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:Tip:FutureWarning:ray._private.worker"
 # Every process this run starts inherits this marker, also the ones Ray re-parents away from the
 # SuperLink; on exit, stragglers carrying it are stopped by PID (and nothing else is).
 export FEDSAMATCH_RUN_MARKER="flwr_run-$$-$RANDOM"

@@ -22,7 +22,13 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from federation import pull_retry
-from federation.config import RESUME_AUTO, FederationConfig, manifest_tasks, parse_run_config
+from federation.config import (
+    RESUME_AUTO,
+    FederationConfig,
+    manifest_splits,
+    manifest_tasks,
+    parse_run_config,
+)
 from federation.local import initial_state
 from federation.outputs import RunRecorder, load_resume
 from federation.server_eval import ServerValidation
@@ -133,7 +139,7 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes,
     )
-    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks)
+    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, manifest_splits(fed.partition_manifest))
     if fed.server_val_root and key_sets:
         raise ValueError("server-val-root is not supported with a cross-task manifest (one U-Net per task)")
     server_val = ServerValidation.from_config(cfg, fed)
@@ -172,19 +178,8 @@ def main(grid: Grid, context: Context) -> None:
             per_class,
             " *best*" if row["best"] else "",
         )
-        if tasks:
-            by_task = row.get("evaluate-tasks", {})
-            log(
-                INFO,
-                "round %d/%d: val Dice per task: %s",
-                r,
-                fed.num_server_rounds,
-                ", ".join(
-                    f"{t} {by_task[t]['dice_mean']:.4f}{' *best*' if t in row['best-tasks'] else ''}"
-                    for t in tasks
-                    if "dice_mean" in by_task.get(t, {})
-                ),
-            )
+        if per_task := recorder.task_dice(row):
+            log(INFO, "round %d/%d: val Dice per task: %s", r, fed.num_server_rounds, per_task)
         return MetricRecord(server_metrics) if server_metrics else None
 
     # Replies are looked for every reply-poll seconds (or as often as the wrapped Grid does), with
@@ -208,7 +203,6 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=end_of_round,
     )
     best = f"best val Dice {recorder.best:.4f}" if recorder.best >= 0 else "no federated evaluation"
-    if tasks:
-        per_task = ", ".join(f"{t} {d:.4f}" for t, d in recorder.task_best.items() if d >= 0)
+    if per_task := recorder.task_dice():
         best += f" (per task: {per_task}; run folders {recorder.out / 'tasks'})"
     log(INFO, "federated run done: %s -> %s", best, recorder.out.resolve())

@@ -56,7 +56,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,7 @@ from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
 from samatch.hardware import hardware
 from samatch.io.base import Case, DataError
-from samatch.splits import Splits, save_splits
+from samatch.splits import Splits, save_splits, union_splits
 from simulations.compare_report import REFERENCE, write_outputs
 from simulations.partition import PARTITIONERS, partition
 
@@ -224,18 +224,9 @@ def site_cases(site: Site, cfg: TrainConfig) -> SiteCases:
 
 
 def pooled_splits(sites: list[SiteCases]) -> Splits:
-    """The centralized arm's splits: the union of the sites' labeled, unlabeled and val cases."""
-    first = sites[0].splits
-    return Splits(
-        labeled=[c for s in sites for c in s.splits.labeled],
-        unlabeled=[c for s in sites for c in s.unlabeled],
-        val=[c for s in sites for c in s.val],
-        test=[],
-        format=first.format,
-        budget=sum(len(s.splits.patients["labeled"]) for s in sites),
-        unit="patients",
-        seed=first.seed,
-    )
+    """The centralized arm's splits: the union of the sites' labeled, unlabeled and val cases (as
+    capped on the sites); the patients are recomputed when the run loads them."""
+    return union_splits([replace(s.splits, unlabeled=s.unlabeled, val=s.val, test=[]) for s in sites])
 
 
 def pooled_root(site_cfgs: list[TrainConfig]) -> str:

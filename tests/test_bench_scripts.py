@@ -50,6 +50,22 @@ def test_benchmark_runs_as_a_script(script, tmp_path):
     assert proc.stdout.startswith(f"usage: {script}")
 
 
+def test_provenance_names_the_command_that_reruns_a_benchmark(tmp_path):
+    import argparse
+
+    from benchmarks.record import provenance, write_json
+    from samatch.hardware import hardware
+
+    args = argparse.Namespace(out=tmp_path / "r.json", batch=4, run=None)
+    head = provenance("train_step", "/elsewhere/benchmarks/bench_step.py", args, ["--batch", "4"])
+    assert head["benchmark"] == "train_step"
+    assert head["command"] == "python benchmarks/bench_step.py --batch 4"  # main(argv)'s, not pytest's
+    assert head["settings"] == {"out": str(tmp_path / "r.json"), "batch": 4, "run": None}
+    assert head["hardware"] == hardware() and isinstance(head["hardware"]["cpu_bf16"], bool)
+    write_json(tmp_path / "new" / "r.json", head)  # the folder is made
+    assert json.loads((tmp_path / "new" / "r.json").read_text()) == head
+
+
 @pytest.mark.parametrize("decode", ["valid", "all"])
 def test_step_ab_pairs_and_summary(tmp_path, decode):
     # Execute: a tiny run, two pairs

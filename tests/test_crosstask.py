@@ -167,7 +167,16 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
     }
     for key, value in lesion_unet.state_dict().items():
         assert torch.equal(value, final[f"task.lesion.model.{key}"]), key
-    assert set(results["best_dice_tasks"]) == {"cardiac", "lesion"}
+    for task in ("cardiac", "lesion"):  # a best round per task, its best.pt that round's U-Net
+        best = results["best_dice_tasks"][task]
+        rnd = next(r["round"] for r in results["rounds"] if r["evaluate-tasks"][task]["dice_mean"] == best)
+        saved = torch.load(tmp_path / "run" / "tasks" / task / "best.pt", weights_only=False)
+        assert best >= 0 and saved["round"] == rnd
+        _, unet, _ = load_run_model(tmp_path / "run" / "tasks" / task, "best", device="cpu")
+        assert all(torch.equal(v, saved["method"][f"model.{k}"]) for k, v in unet.state_dict().items())
+    # The run folder's own checkpoint holds every task's U-Net under wire names: pointed elsewhere
+    with pytest.raises(ValueError, match=r"cross-task run: each task's U-Net is in tasks/<task>/"):
+        load_run_model(tmp_path / "run", "last", device="cpu")
 
 
 def test_recorder_keeps_a_run_folder_per_task(tmp_path):
@@ -205,9 +214,12 @@ def test_recorder_keeps_a_run_folder_per_task(tmp_path):
     assert TrainConfig.load(tmp_path / "tasks" / "lesion" / "config.json").model.num_classes == 2
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["best_dice_tasks"] == {"cardiac": 0.4, "lesion": 0.5}
-    # A resumed run starts from the history's per-task bests
+    # A resumed run starts from the history's per-task bests, where their best.pt files are there
     resumed = RunRecorder(tmp_path, cfg, FederationConfig(), history=results["rounds"], tasks=tasks)
     assert resumed.task_best == {"cardiac": 0.4, "lesion": 0.5} and resumed.best == 0.375
+    (tmp_path / "tasks" / "lesion" / "best.pt").unlink()  # e.g. resumed into another folder
+    resumed = RunRecorder(tmp_path, cfg, FederationConfig(), history=results["rounds"], tasks=tasks)
+    assert resumed.task_best == {"cardiac": 0.4, "lesion": -1.0}
 
 
 def test_crosstask_runner_manifest_and_table(tmp_path):

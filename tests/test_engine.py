@@ -2,7 +2,6 @@
 
 import csv
 import json
-import warnings
 
 import pytest
 import torch
@@ -124,17 +123,22 @@ def test_cpu_bf16_units_from_the_cpu_flags(monkeypatch, lines, expected):
 
 def test_bf16_on_a_cpu_without_bf16_units_is_warned(phantom_data, monkeypatch):
     import samatch.engine
+    from samatch.engine import slow_bf16
 
     cfg, data = phantom_data
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    samatch_bf16 = apply_overrides(cfg, {"method.name": "samatch", "sam.amp": "bf16"})
+    both = apply_overrides(samatch_bf16, {"schedule.amp": "bf16"})
     monkeypatch.setattr(samatch.engine, "cpu_has_bf16_units", lambda: False)
-    with pytest.warns(UserWarning, match="sam.amp=bf16 on a CPU without bf16 units"):
-        Trainer(apply_overrides(cfg, {"sam.amp": "bf16"}), data)
-    with pytest.warns(UserWarning, match="schedule.amp and sam.amp=bf16 on a CPU"):
-        Trainer(apply_overrides(cfg, {"sam.amp": "bf16", "schedule.amp": "bf16"}), data)
-    monkeypatch.setattr(samatch.engine, "cpu_has_bf16_units", lambda: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    assert slow_bf16(samatch_bf16, cpu).startswith("sam.amp=bf16 on a CPU without bf16 units")
+    assert slow_bf16(both, cpu).startswith("schedule.amp and sam.amp=bf16 on a CPU")
+    assert slow_bf16(both, cuda) is None
+    assert slow_bf16(apply_overrides(cfg, {"sam.amp": "bf16"}), cpu) is None  # a method without SAM
+    with pytest.warns(UserWarning, match="schedule.amp=bf16 on a CPU without bf16 units"):
         Trainer(apply_overrides(cfg, {"schedule.amp": "bf16"}), data)
+    for units in (None, True):  # not known; present
+        monkeypatch.setattr(samatch.engine, "cpu_has_bf16_units", lambda units=units: units)
+        assert slow_bf16(both, cpu) is None
 
 
 def test_optimizers_run_torch_fused_kernels_where_it_has_them(phantom_data):

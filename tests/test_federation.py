@@ -3,6 +3,7 @@ federated runs of the ServerApp and ClientApp on the phantom hospitals (resume i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from flwr.common.config import flatten_dict
 
 from clients.client_app import app as client_app
 from federation.aggregate import aggregate_states, site_weights
-from federation.config import FederationConfig, parse_run_config, site_from_node_config
+from federation.config import FederationConfig, manifest_splits, parse_run_config, site_from_node_config
 from federation.inprocess import run_inprocess
 from federation.local import clear_sessions
 from federation.state import batchnorm_keys, from_record, record_nbytes, shareable_keys, to_record
@@ -553,35 +554,77 @@ def test_partitions_are_disjoint_by_patient_with_one_labeled_each(tmp_path, part
         assert [len(t) for t in train] == [8, 8, 8]
 
 
+def manifest_site_splits(manifest: Path) -> list:
+    from samatch.splits import load_splits
+
+    return [
+        load_splits(manifest.parent / s["splits_file"]) for s in json.loads(manifest.read_text())["sites"]
+    ]
+
+
 def test_a_federated_run_folder_is_evaluated_on_the_union_of_the_sites_validation_cases(
     busi_root, tmp_path, capsys
 ):
-    # Prepare: real BUSI (no validation list of its own: a seeded holdout) dealt to 3 hospitals, and
-    # a federated run's folder: config.json, no splits.json (the server never sees the sites' data)
+    # Prepare: real BUSI (no validation list of its own: a seeded holdout) dealt to 3 hospitals with
+    # partition seed 1, while the run's data.seed stays 0 (nothing ties the two)
+    from federation.outputs import RunRecorder
     from samatch.config import DataConfig, TrainConfig
     from samatch.data import open_reader, run_splits
-    from samatch.splits import load_splits, save_splits
     from simulations.partition import partition
 
     data = DataConfig(root=str(busi_root), format="busi")
-    manifest = partition(data, 3, "iid", tmp_path / "partition", labeled_per_site=10)
-    sites = json.loads(manifest.read_text())["sites"]
-    site_val = [load_splits(tmp_path / "partition" / s["splits_file"]).val for s in sites]
+    manifest = partition(data, 3, "iid", tmp_path / "partition", labeled_per_site=10, seed=1)
+    sites = manifest_site_splits(manifest)
     run = tmp_path / "run"
-    run.mkdir()
-    TrainConfig(data=data).save(run / "config.json")
-    reader = open_reader(data)
+
+    # Execute: the server's run folder, then the splits evaluate reads there
+    cfg, fed = parse_run_config(
+        {"partition-manifest": str(manifest), "data.root": str(busi_root), "data.format": "busi"}
+    )
+    RunRecorder(run, cfg, fed, splits=manifest_splits(fed.partition_manifest))
+    saved = TrainConfig.load(run / "config.json").data
+    reader = open_reader(saved)
+    splits = run_splits(run, reader, saved)
+
+    # Assert: every site's validation case, and none of their training cases
+    trained = {c for site in sites for c in site.labeled + site.unlabeled}
+    assert sorted(splits.val) == sorted(c for site in sites for c in site.val) and len(splits.val) > 0
+    assert not trained & set(splits.val)
+    assert sorted(splits.labeled) == sorted(c for site in sites for c in site.labeled)
+    # Without splits.json: the splits data.seed makes, announced (here those of a seed-0 partition)
+    (run / "splits.json").unlink()
+    fallback = run_splits(run, reader, saved)
+    seed0 = partition(data, 3, "iid", tmp_path / "seed0", labeled_per_site=10, seed=0)
+    seed0_val = [site.val for site in manifest_site_splits(seed0)]
+    assert sorted(fallback.val) == sorted(c for val in seed0_val for c in val) != sorted(splits.val)
+    assert "splits.json not found: using the splits its config.json makes" in capsys.readouterr().err
+
+
+def test_an_ffa_run_guide_takes_the_seeded_a_matrices_it_never_sent(tmp_path):
+    # Prepare: a run folder whose checkpoint holds LoRA B only (FFA-LoRA: A is drawn from the seed)
+    from federation.local import initial_state
+    from samatch.engine import load_run_guide
+    from samatch.models.lora import lora_state_dict
+
+    cfg, fed = parse_run_config({**TINY, "method.name": "samatch", "sam.lora_rank": 2, "lora-mode": "ffa"})
+    state, method = initial_state(cfg)
+    keys = shareable_keys(method, fed)
+    sent = {k: torch.randn_like(state[k]) if ".lora_B." in k else state[k] for k in keys}
+    assert not any(".lora_A." in k for k in sent)
+    torch.save({"method": sent}, tmp_path / "best.pt")
 
     # Execute
-    splits = run_splits(run, reader, data)
+    guide, loaded = load_run_guide(tmp_path, cfg, "best", "cpu")
 
-    # Assert: the sites' validation cases, together, without overlap; the fallback is announced
-    assert sorted(splits.val) == sorted(c for val in site_val for c in val)
-    assert sum(map(len, site_val)) == len(splits.val) > 0
-    assert "splits.json not found (a federated run)" in capsys.readouterr().err
-    # A run folder's own splits.json wins
-    save_splits(load_splits(tmp_path / "partition" / sites[0]["splits_file"]), run / "splits.json")
-    assert run_splits(run, reader, data).val == site_val[0]
+    # Assert: B as sent, A as the sites drew it
+    got = lora_state_dict(guide.sam)
+    assert loaded and got.keys() == {k[len("sam_lora.") :] for k in state if k.startswith("sam_lora.")}
+    for key, value in got.items():
+        assert torch.equal(value, (sent if ".lora_B." in key else state)[f"sam_lora.{key}"]), key
+    # Without FFA a checkpoint lacking A is refused
+    plain = dataclasses.replace(cfg, sam=dataclasses.replace(cfg.sam, lora_freeze_a=False))
+    with pytest.raises(KeyError, match="LoRA state mismatch"):
+        load_run_guide(tmp_path, plain, "best", "cpu")
 
 
 def test_manifest_site_from_node_config(tmp_path):
