@@ -57,7 +57,7 @@ class SliceSet:
 def load_slices(refs: Sequence[CaseRef], size: int, with_labels: bool, desc: str = "loading") -> SliceSet:
     """Load cases (2D or volumes), split into slices, normalise and resize each to ``size``."""
     images, labels, pids = [], [], []
-    for ref in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 50):
+    for ref in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 50 or None):  # None: off when not a TTY
         case = ref.load()
         images.append(resize_image(minmax_normalize(case.image), size))
         if with_labels:
@@ -129,7 +129,7 @@ def load_slices_cached(
 
 def load_volumes(refs: Sequence[CaseRef], desc: str = "validation") -> list[Case]:
     """Validation / test cases at native resolution (labels required)."""
-    cases = [r.load() for r in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 10)]
+    cases = [r.load() for r in tqdm(refs, desc=desc, leave=False, disable=len(refs) < 10 or None)]
     for c in cases:
         if c.label is None:
             raise ValueError(f"{c.meta.source}: evaluation case has no label")

@@ -75,7 +75,7 @@ def evaluate_cases(
         # deployed site would pay in every evaluation, each a fresh process (docs/performance_log.md).
         from samatch.metrics import case_metrics, case_rows
     rows = []
-    for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances):
+    for case in tqdm(cases, desc="evaluating", leave=False, disable=len(cases) < 10 or not distances or None):
         pred = predict_label(model, case.image, size, device, cascade)
         if distances:
             metrics = case_metrics(pred, case.label, num_classes, case.meta.spacing)

@@ -136,6 +136,11 @@ def _lists_removed(synth, root):
 
 
 # kind -> (folder fixture, breaker, expected problem text, extra CLI args)
+def _written(path):
+    path.write_text("not a dataset")
+    return path
+
+
 BAD_INPUTS = {
     "missing file": ("tiny_acdc_h5", _remove_slice, "file not found", []),
     "truncated h5": (
@@ -168,6 +173,8 @@ BAD_INPUTS = {
     "4D NIfTI": ("tiny_acdc_nifti", _frame_4d, "4D image", []),
     "BUSI image without mask": ("tiny_busi", _mask_removed, "image has no mask", []),
     "missing folder": ("tmp_path", lambda s, r: r / "nowhere", "folder not found", []),
+    "a file": ("tmp_path", lambda s, r: _written(r / "notes.txt"), "a file, not a dataset folder", []),
+    "unknown layout": ("tmp_path", lambda s, r: r, "cannot detect the dataset format; give it (--format", []),
     "missing list files": ("tiny_acdc_h5", _lists_removed, "no split list found", ["--format", "acdc-h5"]),
 }
 
@@ -177,7 +184,7 @@ def test_bad_input_is_one_line(kind, request, synth, capsys):
     fixture, breaker, problem, args = BAD_INPUTS[kind]
     root = request.getfixturevalue(fixture)
     bad_path = breaker(synth, root)
-    target = bad_path if kind == "missing folder" else root
+    target = bad_path if kind in ("missing folder", "a file") else root
     rc = check(str(target), *args)
     captured = capsys.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]

@@ -13,8 +13,14 @@ from samatch.commands import add_cascade_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="run folder made by `samatch train`")
-    p.add_argument("--data", help="dataset folder (default: the one the run was trained on)")
+    p.add_argument(
+        "--run", required=True, help="run folder made by `samatch train`, or a federated run's out-dir"
+    )
+    p.add_argument(
+        "--data",
+        help="dataset folder, or phantom site indices such as 0,1,2 (default: config.json's data.root;"
+        " a federation of phantom hospitals trained on phantoms 0, 1, 2, its config names 0 alone)",
+    )
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="auto")

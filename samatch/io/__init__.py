@@ -34,11 +34,17 @@ def detect_format(root: str | Path) -> str:
     if root.is_file() and PackedReader.detect(root):
         return PackedReader.name
     if not root.is_dir():
-        raise DataError(root, "folder not found")
+        raise DataError(
+            root,
+            "a file, not a dataset folder (nor a packed dataset)" if root.exists() else "folder not found",
+        )
     for name, cls in READERS.items():
         if cls.detect(root):
             return name
-    raise DataError(root, f"cannot detect the dataset format; pass one of {', '.join(READERS)}")
+    raise DataError(
+        root,
+        f"cannot detect the dataset format; give it (--format or data.format): one of {', '.join(READERS)}",
+    )
 
 
 def open_dataset(root: str | Path, fmt: str | None = None, label_map: str | LabelMap | None = None) -> Reader:
