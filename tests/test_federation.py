@@ -600,6 +600,26 @@ def test_a_federated_run_folder_is_evaluated_on_the_union_of_the_sites_validatio
     assert "splits.json not found: using the splits its config.json makes" in capsys.readouterr().err
 
 
+def test_a_partitioned_federation_writes_its_sites_pooled_splits(tmp_path):
+    # Prepare: 2 phantom hospitals dealt by simulations.partition (their splits files in the manifest)
+    from samatch.config import DataConfig
+    from samatch.splits import load_splits
+    from simulations.partition import partition
+
+    phantoms = DataConfig(root="0,1,2", format="phantom-cardiac", size=32)
+    manifest = partition(phantoms, 2, "iid", tmp_path / "p")
+    sites = manifest_site_splits(manifest)
+
+    # Execute: the real ServerApp and ClientApps, in process
+    run_federation(tmp_path, **{"partition-manifest": str(manifest), "num-server-rounds": 1})
+
+    # Assert: the run folder's splits.json pools the sites', so evaluate scores the sites' val cases
+    pooled = load_splits(tmp_path / "run" / "splits.json")
+    for name in ("labeled", "unlabeled", "val"):
+        assert sorted(getattr(pooled, name)) == sorted(c for site in sites for c in getattr(site, name))
+    assert len(pooled.val) > 0
+
+
 def test_an_ffa_run_guide_takes_the_seeded_a_matrices_it_never_sent(tmp_path):
     # Prepare: a run folder whose checkpoint holds LoRA B only (FFA-LoRA: A is drawn from the seed)
     from federation.local import initial_state
