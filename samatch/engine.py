@@ -396,18 +396,15 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device: str = 
     dev = resolve_device(device)
     path = run_dir / f"{checkpoint}.pt"
     state = torch.load(path, map_location=dev, weights_only=False)
-    model = build_unet(cfg).to(dev)
     prefix = "model."
     own = {k[len(prefix) :]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    if not own and any(k.startswith("task.") for k in state["method"]):
+        raise ValueError(f"{path}: a cross-task run's global state: each task's U-Net is in tasks/<task>/")
+    model = build_unet(cfg).to(dev)
     missing = model.state_dict().keys() - own.keys()
     absent = sorted(missing - batchnorm_state_keys(model))  # FedBN keeps only BatchNorm on the sites
     if absent:
-        where = (
-            "; a cross-task run: each task's U-Net is in tasks/<task>/"
-            if any(k.startswith("task.") for k in state["method"])
-            else ""
-        )
-        raise ValueError(f"{path}: no U-Net tensor {absent[0]} ({len(absent)} missing){where}")
+        raise ValueError(f"{path}: no U-Net tensor {absent[0]} ({len(absent)} missing)")
     if missing:  # a FedBN run's global model
         print(
             f"note: {path} has no BatchNorm tensors (FedBN keeps them on the sites): the U-Net uses its"

@@ -175,7 +175,9 @@ def test_crosstask_run_shares_adapters_and_keeps_unets_per_task(tmp_path):
         _, unet, _ = load_run_model(tmp_path / "run" / "tasks" / task, "best", device="cpu")
         assert all(torch.equal(v, saved["method"][f"model.{k}"]) for k, v in unet.state_dict().items())
     # The run folder's own checkpoint holds every task's U-Net under wire names: pointed elsewhere
-    with pytest.raises(ValueError, match=r"cross-task run: each task's U-Net is in tasks/<task>/"):
+    with pytest.raises(
+        ValueError, match=r"a cross-task run's global state: each task's U-Net is in tasks/<task>/"
+    ):
         load_run_model(tmp_path / "run", "last", device="cpu")
 
 
