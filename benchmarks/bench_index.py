@@ -10,7 +10,6 @@ and writes JSON to ``--out``. Asserts nothing about time: it is a measurement, n
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import sys
@@ -41,7 +40,6 @@ def bench(root: Path, repeat: int) -> dict:
         if len(times) == 1:
             rss_delta = peak_rss_kib() - rss_before
     return {
-        "benchmark": "index_acdc_train_slices",
         "root": str(root),
         "cases": n_cases,
         "patients": n_patients,
@@ -49,8 +47,6 @@ def bench(root: Path, repeat: int) -> dict:
         "seconds_best": min(times),
         "seconds_median": statistics.median(times),
         "peak_rss_delta_kib": rss_delta,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
     }
 
 

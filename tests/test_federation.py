@@ -535,7 +535,6 @@ def test_two_round_samatch_federation_on_real_acdc_slices(tmp_path, acdc_root):
 def test_partitions_are_disjoint_by_patient_with_one_labeled_each(tmp_path, partitioner):
     # Prepare
     from samatch.config import DataConfig
-    from samatch.splits import load_splits
     from simulations.partition import partition
 
     # Execute: 3 phantom sites pooled (24 train patients, 6 val) -> 3 virtual hospitals
@@ -544,8 +543,7 @@ def test_partitions_are_disjoint_by_patient_with_one_labeled_each(tmp_path, part
     )
 
     # Assert
-    sites = json.loads(manifest.read_text())["sites"]
-    splits = [load_splits(tmp_path / s["splits_file"]) for s in sites]
+    splits = manifest_site_splits(manifest)
     train = [set(s.patients["labeled"]) | set(s.patients["unlabeled"]) for s in splits]
     assert all(len(s.patients["labeled"]) == 1 for s in splits)
     assert sum(len(t) for t in train) == len(set().union(*train)) == 24
