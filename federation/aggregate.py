@@ -10,6 +10,7 @@ past the honest sites' values (with 3 sites the median ignores any one of them).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -30,6 +31,15 @@ def site_weights(metrics: Sequence[Mapping[str, float]], rule: str) -> list[floa
     if total <= 0 or any(w < 0 for w in raw):
         raise ValueError(f"weights {rule!r}: site weights {raw} must be >= 0 with a positive sum")
     return [w / total for w in raw]
+
+
+def _digest(state: Mapping[str, np.ndarray]) -> bytes:
+    """A hash of a state's keys and array bytes (about 1 ms per MB)."""
+    h = hashlib.blake2b(digest_size=16)
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(state[key]).view(np.uint8))
+    return h.digest()
 
 
 def _is_integer(arr: np.ndarray) -> bool:
@@ -86,6 +96,10 @@ def aggregate_states(
         raise ValueError(f"trim fraction must be in [0, 0.5), got {trim}")
     combine = AGGREGATORS[rule]
     keys = list(dict.fromkeys(k for s in states for k in s))
+    # Summed in a fixed order, the order of the states' contents: the float result does not depend on
+    # the order the replies came in or on the sites' node ids (which a simulation draws anew each run).
+    order = sorted(range(len(states)), key=lambda i: _digest(states[i]))
+    states, weights = [states[i] for i in order], [weights[i] for i in order]
     out: dict[str, np.ndarray] = {}
     for key in keys:
         holders = [i for i, s in enumerate(states) if key in s]

@@ -34,6 +34,7 @@ from federation.outputs import RunRecorder, load_resume
 from federation.server_eval import ServerValidation
 from federation.state import from_record, shareable_keys, to_record, to_wire
 from samatch.config import TrainConfig, apply_overrides
+from samatch.rundir import in_folder, moved_note, set_aside
 from server.quorum import QuorumGrid
 from server.strategy import FedSAMatch
 
@@ -139,6 +140,10 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes,
     )
+    if resumed is None or not in_folder(resumed[1], fed.out_dir):
+        moved = set_aside(fed.out_dir)  # an earlier run there is renamed, never mixed with this one
+        if moved:
+            log(INFO, "%s", moved_note(fed.out_dir, moved))
     recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, manifest_splits(fed.partition_manifest))
     if fed.server_val_root and key_sets:
         raise ValueError("server-val-root is not supported with a cross-task manifest (one U-Net per task)")

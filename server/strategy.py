@@ -246,8 +246,8 @@ class FedSAMatch(FedAvg):
     def _screen(
         self, server_round: int, replies: Iterable[Message], check: Callable[[RecordDict], object], phase: str
     ) -> tuple[list[tuple[Message, object]], dict]:
-        """(reply, checked content) of the replies that pass ``check``, sorted by node id (so the
-        float64 sum order, and the result, do not depend on arrival order), and a report."""
+        """(reply, checked content) of the replies that pass ``check``, sorted by node id (the sums
+        that follow fix their own order, by content), and a report."""
         accepted, report = [], {"replies": 0, "accepted": [], "rejected": {}, "failed": {}}
         for msg in sorted(replies, key=lambda m: m.metadata.src_node_id):
             node = msg.metadata.src_node_id
@@ -277,7 +277,11 @@ class FedSAMatch(FedAvg):
         common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
         if self.weighted_by_key not in common or sum(m[self.weighted_by_key] for m in metrics) <= 0:
             return None
-        records = [RecordDict({"metrics": MetricRecord({k: m[k] for k in sorted(common)})}) for m in metrics]
+        # In a fixed order (by value), as the arrays are summed: the float means do not depend on node ids.
+        rows = sorted([m[k] for k in sorted(common)] for m in metrics)
+        records = [
+            RecordDict({"metrics": MetricRecord(dict(zip(sorted(common), r, strict=True)))}) for r in rows
+        ]
         aggregate = self.train_metrics_aggr_fn if train else self.evaluate_metrics_aggr_fn
         return aggregate(records, self.weighted_by_key)
 

@@ -69,6 +69,7 @@ from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
 from samatch.hardware import hardware
 from samatch.io.base import Case, DataError
+from samatch.rundir import moved_note, set_aside
 from samatch.splits import Splits, save_splits, union_splits
 from simulations.compare_report import REFERENCE, write_outputs
 from simulations.partition import PARTITIONERS, partition
@@ -295,8 +296,16 @@ def run_federated(plan: Plan) -> tuple[dict[str, torch.nn.Module], dict[str, int
     return models, steps, rounds
 
 
+def fresh_run_dir(path: Path) -> None:
+    """An earlier run's folder at ``path`` (under ``--overwrite``) is moved aside, so the new run's
+    metrics.csv and TensorBoard logs hold none of its rows."""
+    if moved := set_aside(path):
+        print(f"  {moved_note(path, moved)}", flush=True)
+
+
 def prepare_run_dir(path: Path, cfg: TrainConfig, splits: Splits) -> Path:
     """config.json + splits.json, so ``samatch evaluate --run`` reads the folder."""
+    fresh_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg.save(path / "config.json")
     save_splits(splits, path / "splits.json")
@@ -331,6 +340,7 @@ def run_centralized(plan: Plan, pooled: Splits, progress: bool):
     from samatch.data import build_train_data
 
     run_dir = plan.out / REFERENCE
+    fresh_run_dir(run_dir)
     splits_file = save_splits(pooled, run_dir / "splits.json")
     cfg = centralized_config(plan, splits_file)
     data = build_train_data(cfg, out_dir=run_dir)  # re-reads and checks the pooled splits
@@ -536,7 +546,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow a non-empty --out folder (each arm's earlier run folder is moved aside)",
+    )
     allocator.add_allocator_argument(p)
     return p
 

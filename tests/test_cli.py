@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -129,6 +130,55 @@ def test_resume_with_more_iterations_is_not_silently_ignored(runs, tmp_path):
     code = main(["train", "--out", str(run), "--resume", "--iterations", "6", "--quiet"])
     assert code == 0
     assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 6
+
+
+def test_a_new_run_into_an_earlier_runs_folder_moves_that_run_aside(runs, tmp_path, capsys):
+    # Prepare: an evaluated run, and a new run with the same --out that reuses its splits.json
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    earlier = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    reuse = ["--set", f"data.splits_file={run / 'splits.json'}"]
+
+    # Execute
+    code = main(train_argv(run, "supervised", 2, *reuse))
+
+    # Assert: the earlier run is whole under its new name; the folder holds the new run alone
+    assert code == 0
+    (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert f"{run} held an earlier run: moved it to {moved}" in capsys.readouterr().out
+    assert {p.relative_to(moved): p.read_bytes() for p in moved.rglob("*") if p.is_file()} == earlier
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [2]  # not the earlier run's rows, then this one's
+    assert not (run / "eval_val").exists()
+    assert json.loads((run / "config.json").read_text())["data"]["splits_file"] == str(moved / "splits.json")
+    assert (run / "splits.json").read_bytes() == earlier[Path("splits.json")]
+
+
+def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_path):
+    from samatch.rundir import in_folder, set_aside
+
+    # Prepare: two runs started in the same second (2026-11-28 10:00:00 local time), and a folder
+    # of other files
+    started = time.mktime((2026, 11, 28, 10, 0, 0, 0, 0, -1))
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+        os.utime(tmp_path / name / "config.json", (started, started))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "x.txt").write_text("x")
+
+    # Execute
+    first = set_aside(tmp_path / "a")
+    (tmp_path / "b").rename(tmp_path / "a")
+    second = set_aside(tmp_path / "a")
+
+    # Assert
+    assert first == tmp_path / "a.20261128-100000" and second == tmp_path / "a.20261128-100000-2"
+    assert not (tmp_path / "a").exists() and (second / "config.json").is_file()
+    assert set_aside(tmp_path / "notes") is None and (tmp_path / "notes" / "x.txt").is_file()
+    assert set_aside(tmp_path / "missing") is None
+    assert in_folder(tmp_path / "a" / "last.pt", tmp_path / "a") and in_folder(tmp_path / "a", tmp_path / "a")
+    assert not in_folder(tmp_path / "b" / "last.pt", tmp_path / "a")
 
 
 def test_resume_without_a_checkpoint_is_exit_2(tmp_path, capsys):

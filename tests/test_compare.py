@@ -223,6 +223,30 @@ def test_refuses_a_non_empty_out_folder(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def test_overwrite_moves_each_arms_earlier_run_aside(tmp_path, capsys):
+    # Prepare: a 1-round, 2-iteration comparison of 2 phantom sites, run once
+    config = tmp_path / "c.toml"
+    short = TINY.replace("num-server-rounds = 2", "num-server-rounds = 1")
+    config.write_text(short.replace("local-iterations = 20", "local-iterations = 2"))
+    argv = ["--config", str(config), "--out", str(tmp_path / "out"), "--sites", "2", "--quiet"]
+    assert main(argv) == 0
+    first = {p: p.read_text() for p in (tmp_path / "out").rglob("metrics.csv")}
+
+    # Execute: again into the same folder
+    assert main([*argv, "--overwrite"]) == 0
+
+    # Assert: every arm's earlier folder was moved aside whole; each metrics.csv holds one run's rows
+    printed = capsys.readouterr().out
+    arms = [tmp_path / "out" / "local" / "phantom-site0", tmp_path / "out" / "local" / "phantom-site1"]
+    for arm in [*arms, tmp_path / "out" / "centralized", tmp_path / "out" / "federated"]:
+        (moved,) = [p for p in arm.parent.iterdir() if p.name.startswith(f"{arm.name}.")]
+        assert f"{arm} held an earlier run: moved it to {moved}" in printed or arm.name == "federated"
+        if arm / "metrics.csv" in first:
+            assert (moved / "metrics.csv").read_text() == first[arm / "metrics.csv"]
+            assert (arm / "metrics.csv").read_text().count("\n") == first[arm / "metrics.csv"].count("\n")
+    assert len(first) == 3 and (tmp_path / "out" / "federated" / "results.json").is_file()
+
+
 def test_help_exits_0_and_states_matched_compute(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -176,6 +176,26 @@ def test_aggregate_weights_by_hand(task_identity, rule, expected_w):
     assert metrics["num-labeled"] == pytest.approx(1 / 4 * 1 + 3 / 4 * 3)  # metrics weighted by num-examples
 
 
+def test_the_global_state_does_not_depend_on_the_sites_node_ids(task_identity):
+    # Prepare: three equal-weight sites. Summed in float64 in the order 2.3, 0.9, 4.1 the mean rounds
+    # to float32 2.4333334, in the order 2.3, 4.1, 0.9 to 2.4333332: ordered by node id (drawn anew in
+    # every simulation), the same run gave another global model, and another Dice, each time.
+    values = [np.float32(2.3), np.float32(0.9), np.float32(4.1)]
+    strategy = FedSAMatch(expected_keys={"w"})
+
+    # Execute: the same three replies, under two assignments of node ids
+    results = []
+    for nodes in ([1, 2, 3], [1, 3, 2]):
+        replies = [reply(n, {"w": np.array([v])}, 1, float(v)) for n, v in zip(nodes, values, strict=True)]
+        arrays, metrics = strategy.aggregate_train(1, replies)
+        results.append((arrays["w"].numpy(), metrics["num-unlabeled"]))
+
+    # Assert: bit for bit the same state and metrics
+    (w1, u1), (w2, u2) = results
+    assert w1.tobytes() == w2.tobytes() and w1[0] == pytest.approx(7.3 / 3)
+    assert u1 == u2 and u1 == pytest.approx(7.3 / 3)  # the metric means, summed likewise
+
+
 def test_aggregate_fp16_updates_give_float32(task_identity):
     strategy = FedSAMatch(expected_keys=SITE_A, transport="fp16")
     half = [{**s, "w": s["w"].astype(np.float16)} for s in (SITE_A, SITE_B)]
@@ -314,6 +334,27 @@ def test_resume_gives_the_uninterrupted_model(tmp_path):
     for k in full["method"]:
         assert torch.equal(full["method"][k], resumed["method"][k]), k
     assert [r["round"] for r in resumed["history"]] == [1, 2, 3, 4]
+
+
+def test_resume_auto_continues_the_out_dir_and_a_new_run_moves_it_aside(tmp_path):
+    # Prepare: a 2-round run stopped after round 1
+    rounds = {"num-server-rounds": 2}
+    run_federation(tmp_path, **rounds, **{"stop-after-round": 1})
+    clear_sessions()
+
+    # Execute: resume-from=auto finishes it in place; then a new run (resume-from="") in the same out-dir
+    run_federation(tmp_path, **rounds, **{"resume-from": "auto"})
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+    clear_sessions()
+    run_federation(tmp_path, **rounds, **{"stop-after-round": 1})
+
+    # Assert: the resumed run stayed in place; the new run moved it aside whole and starts at round 1
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2]
+    (moved,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert json.loads((moved / "results.json").read_text()) == resumed
+    assert torch.load(moved / "last.pt", weights_only=False)["round"] == 2
+    new = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [r["round"] for r in new["rounds"]] == [1]
 
 
 def test_warmup_rounds_start_the_joint_stage_at_a_round_boundary():

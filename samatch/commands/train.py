@@ -12,6 +12,7 @@ from pathlib import Path
 from samatch.config import TrainConfig, apply_overrides, load_config, parse_set_args
 from samatch.data import build_train_data
 from samatch.methods import METHODS
+from samatch.rundir import in_folder, moved_note, set_aside
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +63,10 @@ def run(args) -> int:
                 "--data ROOT is required (or --format phantom-cardiac for the built-in phantoms)"
             )
     cfg.data.splits_file = str(out / "splits.json") if args.resume else cfg.data.splits_file
+    if not args.resume and (moved := set_aside(out)):  # an earlier run there: renamed, not mixed
+        print(moved_note(out, moved))
+        if cfg.data.splits_file and in_folder(cfg.data.splits_file, out):  # that run's splits, reused
+            cfg.data.splits_file = str(moved / Path(cfg.data.splits_file).name)
     data = build_train_data(cfg, out_dir=out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.json")
