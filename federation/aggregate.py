@@ -42,6 +42,16 @@ def _digest(state: Mapping[str, np.ndarray]) -> bytes:
     return h.digest()
 
 
+def canonical_order(
+    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float]
+) -> tuple[list[Mapping[str, np.ndarray]], list[float]]:
+    """The states (and their weights) ordered by content, so that float sums over them do not depend
+    on the order the replies came in or on the sites' node ids (which a simulation draws anew each
+    run). Equal digests are equal states; their weights break the tie."""
+    order = sorted(range(len(states)), key=lambda i: (_digest(states[i]), weights[i]))
+    return [states[i] for i in order], [weights[i] for i in order]
+
+
 def _is_integer(arr: np.ndarray) -> bool:
     return bool(np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_)
 
@@ -96,10 +106,7 @@ def aggregate_states(
         raise ValueError(f"trim fraction must be in [0, 0.5), got {trim}")
     combine = AGGREGATORS[rule]
     keys = list(dict.fromkeys(k for s in states for k in s))
-    # Summed in a fixed order, the order of the states' contents: the float result does not depend on
-    # the order the replies came in or on the sites' node ids (which a simulation draws anew each run).
-    order = sorted(range(len(states)), key=lambda i: _digest(states[i]))
-    states, weights = [states[i] for i in order], [weights[i] for i in order]
+    states, weights = canonical_order(states, weights)
     out: dict[str, np.ndarray] = {}
     for key in keys:
         holders = [i for i, s in enumerate(states) if key in s]
@@ -128,6 +135,7 @@ def lora_average_bias(states: Sequence[Mapping[str, np.ndarray]], weights: Seque
     (Frobenius norms summed over layers). 0 when the sites' A agree (FFA-LoRA sends no A at all:
     None). ``weights`` are the aggregation weights; None when no state carries an A/B pair.
     """
+    states, weights = canonical_order(states, weights)
     diff_sq = ref_sq = 0.0
     found = False
     for key_a in sorted({k for s in states for k in s if ".lora_A." in k}):

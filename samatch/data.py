@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from samatch.filecache import set_or_prepare
 from samatch.io.base import Case, CaseMeta, CaseRef
 from samatch.preprocess import minmax_normalize, resize_image, resize_label
 from samatch.transfer import to_device
+
+if TYPE_CHECKING:  # samatch.splits imports this module
+    from samatch.splits import Splits
 
 
 @dataclass
@@ -216,6 +220,7 @@ class TrainData:
     val: Sequence[Case]  # a list, or LazyVolumes
     num_classes: int
     class_names: tuple[str, ...]
+    splits: Splits | None = None  # the splits the sets were taken from (build_train_data)
 
 
 # Budget units of each format: what "--labeled N" counts.
@@ -321,4 +326,4 @@ def build_train_data(cfg, out_dir: Path | None = None, lazy_val: bool = False) -
             f"{cfg.data.root or reader.name}: dataset has {reader.num_classes} classes but "
             f"model.num_classes is {cfg.model.num_classes}"
         )
-    return TrainData(labeled, unlabeled, val, reader.num_classes, tuple(reader.class_names))
+    return TrainData(labeled, unlabeled, val, reader.num_classes, tuple(reader.class_names), splits)

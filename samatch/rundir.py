@@ -5,31 +5,49 @@ the first run's ``metrics.csv``, left the first run's ``eval_val/`` beside the n
 kept a ``splits.json`` the new run had not written. Renaming the folder loses nothing and leaves the
 named folder to the new run. A folder counts as a run's when it holds the ``config.json`` that every
 run (centralized, federated, comparison) writes first; any other folder is left as it is.
+
+Callers move the folder only once the new run's inputs have been read and checked, so a command that
+fails on bad input leaves the earlier run where it was.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 RUN_MARKER = "config.json"
 
 
-def set_aside(out: str | Path) -> Path | None:
-    """Rename the run folder ``out`` to ``<out>.<YYYYmmdd-HHMMSS>`` (when its config.json was
-    written, i.e. when that run started; ``-2``, ``-3``... on a clash) and return the new path; None
-    when ``out`` holds no run."""
-    out = Path(out).resolve()  # also names "." or ".."
-    marker = out / RUN_MARKER
+def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None:
+    """Rename the run folder ``out`` to ``<out>.<YYYYmmdd-HHMMSS>`` (when its config.json was last
+    written: the run's start, or its last resume; ``-2``, ``-3``... on a clash) and return the new
+    path (relative when ``out`` is); None when ``out`` holds no run.
+
+    A symbolic link is renamed itself, its target left as it is. Refused (ValueError) when the
+    working folder lies in ``out``, or when one of ``inputs`` (files or folders the new run still
+    has to read) does: moving them would pull them from under the new run.
+    """
+    given = Path(out)
+    path = Path(os.path.abspath(given))  # absolute, links not followed: "runs/x/.." is "runs"
+    marker = path / RUN_MARKER
     if not marker.is_file():
         return None
+    for inside in [Path.cwd(), *(Path(os.path.abspath(p)) for p in inputs if str(p))]:
+        if inside == path or path in inside.parents:
+            what = "the working folder" if inside == Path.cwd() else str(inside)
+            raise ValueError(
+                f"{given}: holds an earlier run, which a new run moves aside, and {what} lies in it; "
+                "choose another output folder (or resume)"
+            )
     stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(marker.stat().st_mtime))
-    target, n = out.with_name(f"{out.name}.{stamp}"), 1
-    while target.exists():
+    target, n = path.with_name(f"{path.name}.{stamp}"), 1
+    while target.exists() or target.is_symlink():
         n += 1
-        target = out.with_name(f"{out.name}.{stamp}-{n}")
-    out.rename(target)
-    return target
+        target = path.with_name(f"{path.name}.{stamp}-{n}")
+    path.rename(target)
+    return target if given.is_absolute() else Path(os.path.relpath(target))
 
 
 def moved_note(out: str | Path, moved: Path) -> str:

@@ -140,14 +140,16 @@ def main(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=fed.min_evaluate_nodes,
         min_available_nodes=fed.min_available_nodes,
     )
-    if resumed is None or not in_folder(resumed[1], fed.out_dir):
-        moved = set_aside(fed.out_dir)  # an earlier run there is renamed, never mixed with this one
-        if moved:
-            log(INFO, "%s", moved_note(fed.out_dir, moved))
-    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, manifest_splits(fed.partition_manifest))
     if fed.server_val_root and key_sets:
         raise ValueError("server-val-root is not supported with a cross-task manifest (one U-Net per task)")
     server_val = ServerValidation.from_config(cfg, fed)
+    splits = manifest_splits(fed.partition_manifest)
+    if resumed is None or not in_folder(resumed[1], fed.out_dir):
+        # An earlier run there is renamed, never mixed with this one (not when the sites' inputs lie in it).
+        moved = set_aside(fed.out_dir, [fed.partition_manifest, fed.server_val_root, fed.site_state_dir])
+        if moved:
+            log(INFO, "%s", moved_note(fed.out_dir, moved))
+    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, splits)
     t0 = time.perf_counter()
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -277,11 +277,11 @@ class FedSAMatch(FedAvg):
         common = set.intersection(*(set(m) for m in metrics)) if metrics else set()
         if self.weighted_by_key not in common or sum(m[self.weighted_by_key] for m in metrics) <= 0:
             return None
-        # In a fixed order (by value), as the arrays are summed: the float means do not depend on node ids.
-        rows = sorted([m[k] for k in sorted(common)] for m in metrics)
-        records = [
-            RecordDict({"metrics": MetricRecord(dict(zip(sorted(common), r, strict=True)))}) for r in rows
-        ]
+        # Rows (each with its own weight) in a fixed order, by value, as the arrays are summed: the
+        # float means do not depend on node ids.
+        names = sorted(common)
+        rows = sorted([m[k] for k in names] for m in metrics)
+        records = [RecordDict({"metrics": MetricRecord(dict(zip(names, r, strict=True)))}) for r in rows]
         aggregate = self.train_metrics_aggr_fn if train else self.evaluate_metrics_aggr_fn
         return aggregate(records, self.weighted_by_key)
 

@@ -150,35 +150,59 @@ def test_a_new_run_into_an_earlier_runs_folder_moves_that_run_aside(runs, tmp_pa
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["iteration"]) for r in rows] == [2]  # not the earlier run's rows, then this one's
     assert not (run / "eval_val").exists()
-    assert json.loads((run / "config.json").read_text())["data"]["splits_file"] == str(moved / "splits.json")
-    assert (run / "splits.json").read_bytes() == earlier[Path("splits.json")]
+    assert (run / "splits.json").read_bytes() == earlier[Path("splits.json")]  # read before the move
 
 
-def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_path):
+def test_a_run_that_fails_on_its_input_leaves_the_earlier_run_in_place(runs, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    code = main(["train", "--out", str(run), "--data", str(tmp_path / "nope"), "--format", "busi"])
+    assert code == 2 and "nope" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (run / "last.pt").is_file()
+
+
+def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_path, monkeypatch):
     from samatch.rundir import in_folder, set_aside
 
-    # Prepare: two runs started in the same second (2026-11-28 10:00:00 local time), and a folder
-    # of other files
+    # Prepare: two runs started in the same second (2026-11-28 10:00:00 local time), a folder of
+    # other files, and a link to a run
     started = time.mktime((2026, 11, 28, 10, 0, 0, 0, 0, -1))
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text("{}")
         os.utime(tmp_path / name / "config.json", (started, started))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
 
     # Execute
-    first = set_aside(tmp_path / "a")
+    first = set_aside("a")
     (tmp_path / "b").rename(tmp_path / "a")
     second = set_aside(tmp_path / "a")
+    linked = set_aside("link")
 
-    # Assert
-    assert first == tmp_path / "a.20261128-100000" and second == tmp_path / "a.20261128-100000-2"
+    # Assert: named by the start, relative when given so; a link is renamed, its target kept
+    assert first == Path("a.20261128-100000") and second == tmp_path / "a.20261128-100000-2"
     assert not (tmp_path / "a").exists() and (second / "config.json").is_file()
+    assert linked == Path("link.20261128-100000") and linked.is_symlink() and (tmp_path / "c").is_dir()
     assert set_aside(tmp_path / "notes") is None and (tmp_path / "notes" / "x.txt").is_file()
     assert set_aside(tmp_path / "missing") is None
     assert in_folder(tmp_path / "a" / "last.pt", tmp_path / "a") and in_folder(tmp_path / "a", tmp_path / "a")
     assert not in_folder(tmp_path / "b" / "last.pt", tmp_path / "a")
+
+
+def test_set_aside_refuses_to_move_what_the_new_run_reads(tmp_path, monkeypatch):
+    from samatch.rundir import set_aside
+
+    (tmp_path / "run" / "sub").mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"run: holds an earlier run.*manifest\.json lies in it"):
+        set_aside(tmp_path / "run", ["", tmp_path / "run" / "sub" / "manifest.json"])
+    monkeypatch.chdir(tmp_path / "run" / "sub")
+    with pytest.raises(ValueError, match="the working folder lies in it"):
+        set_aside("..")
+    assert (tmp_path / "run" / "config.json").is_file()  # nothing moved
 
 
 def test_resume_without_a_checkpoint_is_exit_2(tmp_path, capsys):

@@ -196,6 +196,14 @@ def test_the_global_state_does_not_depend_on_the_sites_node_ids(task_identity):
     assert u1 == u2 and u1 == pytest.approx(7.3 / 3)  # the metric means, summed likewise
 
 
+def test_metric_means_keep_each_sites_value_with_its_weight(task_identity):
+    # Site A: 3 examples, 1 unlabeled slice; site B: 1 example, 2 unlabeled (value and weight in
+    # opposite order, so sorting the columns apart would give (1 * 1 + 3 * 2) / 4 = 1.75)
+    strategy = FedSAMatch(expected_keys=SITE_A)
+    _, metrics = strategy.aggregate_train(1, [reply(2, SITE_A, 3, 1), reply(1, SITE_B, 1, 2)])
+    assert metrics["num-unlabeled"] == pytest.approx((3 * 1 + 1 * 2) / 4)
+
+
 def test_aggregate_fp16_updates_give_float32(task_identity):
     strategy = FedSAMatch(expected_keys=SITE_A, transport="fp16")
     half = [{**s, "w": s["w"].astype(np.float16)} for s in (SITE_A, SITE_B)]

@@ -1,7 +1,8 @@
 """`samatch train`: centralized training of one method on one dataset into a run folder.
 
 RUN_DIR receives config.json, splits.json, metrics.csv, tb/ (TensorBoard), val_history.json,
-best.pt (best validation Dice) and last.pt (resume point, rewritten at every validation).
+best.pt (best validation Dice) and last.pt (resume point, rewritten at every validation). Without
+--resume, an earlier run in RUN_DIR is first renamed RUN_DIR.<YYYYmmdd-HHMMSS> (samatch.rundir).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from samatch.config import TrainConfig, apply_overrides, load_config, parse_set_args
 from samatch.data import build_train_data
 from samatch.methods import METHODS
-from samatch.rundir import in_folder, moved_note, set_aside
+from samatch.rundir import moved_note, set_aside
+from samatch.splits import save_splits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", help="acdc-h5 | acdc-nifti | busi | nifti | phantom-cardiac | phantom-lesion")
     p.add_argument("--label-map", help="e.g. chaos-liver or 1=1")
     p.add_argument("--labeled", type=int, help="labeled budget (patients / images / cases)")
-    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument(
+        "--out", required=True, help="run folder (an earlier run in it is first moved to OUT.<date-time>)"
+    )
     p.add_argument("--config", help="TOML or JSON file with dotted overrides")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, repeatable")
     p.add_argument("--iterations", type=int, help="shortcut for schedule.iterations")
@@ -63,12 +67,11 @@ def run(args) -> int:
                 "--data ROOT is required (or --format phantom-cardiac for the built-in phantoms)"
             )
     cfg.data.splits_file = str(out / "splits.json") if args.resume else cfg.data.splits_file
+    data = build_train_data(cfg)  # read and checked before anything in `out` is moved or written
     if not args.resume and (moved := set_aside(out)):  # an earlier run there: renamed, not mixed
         print(moved_note(out, moved))
-        if cfg.data.splits_file and in_folder(cfg.data.splits_file, out):  # that run's splits, reused
-            cfg.data.splits_file = str(moved / Path(cfg.data.splits_file).name)
-    data = build_train_data(cfg, out_dir=out)
     out.mkdir(parents=True, exist_ok=True)
+    save_splits(data.splits, out / "splits.json")
     cfg.save(out / "config.json")
     trainer = Trainer(cfg, data, out_dir=out)
     if trainer.device.type == "cpu":
