@@ -24,7 +24,7 @@ from tqdm import tqdm
 from samatch.config import CUDA_GRAPH_MODES, TrainConfig
 from samatch.data import TrainData
 from samatch.evaluate import evaluate_cases, summarize_dice
-from samatch.hardware import cpu_has_bf16_units
+from samatch.hardware import cpu_matmul_gflops
 from samatch.hostmem import keep_freed_host_memory
 from samatch.methods import METHODS, Method, build_method
 from samatch.methods.base import fused_optimizer
@@ -55,18 +55,22 @@ def poly_lr(base: float, it: int, total: int, power: float) -> float:
 
 
 def slow_bf16(cfg: TrainConfig, device: torch.device) -> str | None:
-    """Why ``cfg`` asks for bf16 where it is likely slower than fp32 (a CPU without bf16 units), or
-    None: ``schedule.amp``, and ``sam.amp`` for the method that has SAM."""
+    """Why ``cfg`` asks for bf16 where it is likely slower than fp32 (a CPU whose bf16 matrix products,
+    measured, are slower than its fp32 ones), or None: ``schedule.amp``, and ``sam.amp`` for the
+    method that has SAM."""
     asked = [
         ("schedule.amp", cfg.schedule.amp),
         ("sam.amp", cfg.sam.amp if cfg.method.name == "samatch" else ""),
     ]
     bf16 = [key for key, value in asked if value == "bf16"]
-    if device.type != "cpu" or not bf16 or cpu_has_bf16_units() is not False:  # None: not known
+    if device.type != "cpu" or not bf16:
+        return None
+    rates = cpu_matmul_gflops()
+    if rates["bf16"] >= rates["fp32"]:
         return None
     return (
-        f"{' and '.join(bf16)}=bf16 on a CPU without bf16 units (no AVX-512 bf16, AMX or Arm bf16):"
-        " torch emulates bf16 there, likely slower than fp32"
+        f"{' and '.join(bf16)}=bf16 on a CPU whose bf16 matrix products are slower than fp32 ones "
+        f"(measured {rates['bf16']:.0f} against {rates['fp32']:.0f} GFLOP/s): fp32 is likely faster here"
     )
 
 

@@ -39,6 +39,7 @@ def test_cascade_refines_confident_classes_and_keeps_match_elsewhere():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:sam.amp=bf16 on a CPU whose bf16:UserWarning")  # a CPU's speed
 def test_predict_and_evaluate_with_sam_cascade_use_the_runs_adapters(tmp_path):
     # Prepare: a 2-iteration SAM-Match run on the lesion phantom (embeddings on the fly: no cache),
     # and one phantom slice as a PNG.
