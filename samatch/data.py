@@ -254,16 +254,15 @@ def open_reader(data_cfg):
     return open_dataset(data_cfg.root, fmt or None, data_cfg.label_map or None)
 
 
-def build_splits(reader, data_cfg, out_dir: Path | None = None):
-    """Make (or reuse ``data.splits_file``) the by-patient splits; save them beside the run."""
-    from samatch.splits import load_splits, make_splits, save_splits
+def build_splits(reader, data_cfg):
+    """Make (or reuse ``data.splits_file``) the by-patient splits. Saving them beside the run is the
+    caller's job (``TrainData.splits``)."""
+    from samatch.splits import load_splits, make_splits
 
     if data_cfg.splits_file:
         splits = load_splits(data_cfg.splits_file, reader)
     else:
         splits = make_splits(reader, data_cfg.labeled, BUDGET_UNITS.get(reader.name, "cases"), data_cfg.seed)
-    if out_dir is not None:
-        save_splits(splits, Path(out_dir) / "splits.json")
     return splits
 
 
@@ -286,14 +285,14 @@ def run_splits(run_dir: str | Path, reader, data_cfg):
     return build_splits(reader, data_cfg)
 
 
-def build_train_data(cfg, out_dir: Path | None = None, lazy_val: bool = False) -> TrainData:
+def build_train_data(cfg, lazy_val: bool = False) -> TrainData:
     """cfg.data -> reader -> splits -> labeled / unlabeled slice sets + validation volumes.
 
     ``lazy_val``: the validation volumes are read on first use (:class:`LazyVolumes`), not here; a
     missing label is then reported by the first evaluation instead of at the start.
     """
     reader = open_reader(cfg.data)
-    splits = build_splits(reader, cfg.data, out_dir)
+    splits = build_splits(reader, cfg.data)
     refs = {r.case_id: r for r in reader.cases(None)}
     unlabeled_ids = splits.unlabeled
     if cfg.data.max_unlabeled:

@@ -343,7 +343,7 @@ def run_centralized(plan: Plan, pooled: Splits, progress: bool):
     fresh_run_dir(run_dir)
     splits_file = save_splits(pooled, run_dir / "splits.json")
     cfg = centralized_config(plan, splits_file)
-    data = build_train_data(cfg, out_dir=run_dir)  # re-reads and checks the pooled splits
+    data = build_train_data(cfg)  # re-reads and checks the pooled splits
     cfg.save(run_dir / "config.json")
     return train(cfg, data, run_dir, progress)
 
