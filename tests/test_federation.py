@@ -749,3 +749,39 @@ def test_ready_configs_name_existing_site_splits(toml, sites, labeled):
         names.add(site.name)
     manifest = json.loads(Path(fed.partition_manifest).read_text())
     assert manifest["labeled_per_site"] == labeled and len(names) == sites
+
+
+def test_lora_average_bias_does_not_depend_on_the_reply_order():
+    # Prepare: three sites' random 8x16 / 16x8 factors and unequal weights; each holds a U-Net
+    # array too, which the bias ignores (and so does the order it sums the sites in).
+    from itertools import permutations
+
+    from federation.aggregate import canonical_order, lora_average_bias
+
+    rng = np.random.default_rng(3)
+    sites = [
+        {
+            "l.lora_A.x.weight": rng.standard_normal((8, 16)).astype(np.float32),
+            "l.lora_B.x.weight": rng.standard_normal((16, 8)).astype(np.float32),
+            "unet.w": rng.standard_normal(4).astype(np.float32),
+        }
+        for _ in range(3)
+    ]
+    weights = [0.2, 0.3, 0.5]
+
+    # Execute: the bias under all six reply orders
+    biases = {
+        lora_average_bias([sites[i] for i in p], [weights[i] for i in p]) for p in permutations(range(3))
+    }
+
+    # Assert: one value, bit for bit; the order looked at the adapters only
+    assert len(biases) == 1 and 0 < biases.pop() < 10
+    lora = {"l.lora_A.x.weight", "l.lora_B.x.weight"}
+    other = [{**s, "unet.w": -s["unet.w"]} for s in sites]
+
+    def positions(states):
+        return [
+            next(i for i, s in enumerate(states) if s is x) for x in canonical_order(states, weights, lora)[0]
+        ]
+
+    assert positions(sites) == positions(other)
