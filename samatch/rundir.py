@@ -8,16 +8,65 @@ run (centralized, federated, comparison) writes first; any other folder is left 
 
 Callers move the folder only once the new run's inputs have been read and checked, so a command that
 fails on bad input leaves the earlier run where it was.
+
+A live run holds its folder (:func:`hold`: an advisory lock on ``<out>/.run.lock``, which the
+kernel releases when the process ends, however it ends); a folder held by another process is neither
+moved aside nor taken by a second run. Where the platform has no ``fcntl`` (Windows) nothing is held.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 RUN_MARKER = "config.json"
+LOCK_NAME = ".run.lock"
+
+
+def _lock(path: Path, create: bool) -> int | None:
+    """A descriptor holding the exclusive lock on ``path/.run.lock``; None when no lock file is
+    there (and ``create`` is false) or where nothing can be locked. Raises ValueError when another
+    process holds it."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path / LOCK_NAME, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    except FileNotFoundError:
+        return None  # a run this version never held
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"{path}: a live run ({holder}) is writing there; wait for it to end") from None
+    return fd
+
+
+@contextmanager
+def hold(out: str | Path) -> Iterator[Path]:
+    """While the block runs, the folder ``out`` (made if missing) is this process's run folder:
+    :func:`set_aside` in any other process refuses to move it and a second :func:`hold` on it fails
+    (ValueError naming the holder's pid and host)."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = _lock(path, create=True)
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield path
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
 
 
 def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None:
@@ -27,7 +76,8 @@ def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None
 
     A symbolic link is renamed itself, its target left as it is. Refused (ValueError) when the
     working folder lies in ``out``, or when one of ``inputs`` (files or folders the new run still
-    has to read) does: moving them would pull them from under the new run.
+    has to read) does: moving them would pull them from under the new run; or when a live run
+    holds it (:func:`hold`).
     """
     given = Path(out)
     path = Path(os.path.abspath(given))  # absolute, links not followed: "runs/x/.." is "runs"
@@ -46,7 +96,12 @@ def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None
     while target.exists() or target.is_symlink():
         n += 1
         target = path.with_name(f"{path.name}.{stamp}-{n}")
-    path.rename(target)
+    fd = _lock(path, create=False)  # held across the rename: no run starts in it meanwhile
+    try:
+        path.rename(target)
+    finally:
+        if fd is not None:
+            os.close(fd)
     return target if given.is_absolute() else Path(os.path.relpath(target))
 
 

@@ -34,7 +34,7 @@ from federation.outputs import RunRecorder, load_resume
 from federation.server_eval import ServerValidation
 from federation.state import from_record, shareable_keys, to_record, to_wire
 from samatch.config import TrainConfig, apply_overrides
-from samatch.rundir import in_folder, moved_note, set_aside
+from samatch.rundir import hold, in_folder, moved_note, set_aside
 from server.quorum import QuorumGrid
 from server.strategy import FedSAMatch
 
@@ -149,67 +149,68 @@ def main(grid: Grid, context: Context) -> None:
         moved = set_aside(fed.out_dir, [fed.partition_manifest, fed.server_val_root, fed.site_state_dir])
         if moved:
             log(INFO, "%s", moved_note(fed.out_dir, moved))
-    recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, splits)
-    t0 = time.perf_counter()
+    with hold(fed.out_dir):  # no other run moves or writes into out-dir while this one lives
+        recorder = RunRecorder(fed.out_dir, cfg, fed, history, tasks, splits)
+        t0 = time.perf_counter()
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:  # Strategy.start calls this once before round 1
-            return None
-        r = server_round + offset
-        state = from_record(arrays)
-        server_metrics = None
-        if server_val is not None:
-            server_metrics = server_val.evaluate(state)
-            strategy.history.setdefault(r, {})["server-evaluate"] = server_metrics
+        def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:  # Strategy.start calls this once before round 1
+                return None
+            r = server_round + offset
+            state = from_record(arrays)
+            server_metrics = None
+            if server_val is not None:
+                server_metrics = server_val.evaluate(state)
+                strategy.history.setdefault(r, {})["server-evaluate"] = server_metrics
+                log(
+                    INFO,
+                    "round %d/%d: server validation Dice %.4f",
+                    r,
+                    fed.num_server_rounds,
+                    server_metrics["dice_mean"],
+                )
+            row = recorder.record(r, state, strategy.history.get(r, {}), time.perf_counter() - t0)
+            ev = row.get("evaluate", {})
+            if "dice_mean" not in ev:
+                log(INFO, "round %d/%d: done (no federated evaluation this round)", r, fed.num_server_rounds)
+                return MetricRecord(server_metrics) if server_metrics else None
+            per_class = " ".join(
+                f"{k[5:]}={v:.3f}" for k, v in ev.items() if k.startswith("dice_") and k != "dice_mean"
+            )
             log(
                 INFO,
-                "round %d/%d: server validation Dice %.4f",
+                "round %d/%d: val Dice %.4f (%s)%s",
                 r,
                 fed.num_server_rounds,
-                server_metrics["dice_mean"],
+                ev["dice_mean"],
+                per_class,
+                " *best*" if row["best"] else "",
             )
-        row = recorder.record(r, state, strategy.history.get(r, {}), time.perf_counter() - t0)
-        ev = row.get("evaluate", {})
-        if "dice_mean" not in ev:
-            log(INFO, "round %d/%d: done (no federated evaluation this round)", r, fed.num_server_rounds)
+            if per_task := recorder.task_dice(row):
+                log(INFO, "round %d/%d: val Dice per task: %s", r, fed.num_server_rounds, per_task)
             return MetricRecord(server_metrics) if server_metrics else None
-        per_class = " ".join(
-            f"{k[5:]}={v:.3f}" for k, v in ev.items() if k.startswith("dice_") and k != "dice_mean"
-        )
-        log(
-            INFO,
-            "round %d/%d: val Dice %.4f (%s)%s",
-            r,
-            fed.num_server_rounds,
-            ev["dice_mean"],
-            per_class,
-            " *best*" if row["best"] else "",
-        )
-        if per_task := recorder.task_dice(row):
-            log(INFO, "round %d/%d: val Dice per task: %s", r, fed.num_server_rounds, per_task)
-        return MetricRecord(server_metrics) if server_metrics else None
 
-    # Replies are looked for every reply-poll seconds (or as often as the wrapped Grid does), with
-    # straggler-timeout a crashed site does not hold every round for round-timeout, and a site that
-    # lost its kept global state is sent the arrays (keep-global).
-    grace = fed.straggler_timeout if fed.straggler_timeout > 0 else float("inf")
-    poll = min(fed.reply_poll, getattr(grid, "pull_interval", fed.reply_poll))  # Ray's grid: 0.1 s
-    grid = QuorumGrid(grid, fed.min_train_replies, grace, poll, resend=strategy.resend_with_arrays)
-    # A reply pulled while its objects still arrive is retried after 0.05 s, not Flower's 1 s. Only the
-    # deployment's grid pulls objects, and its runtime has imported that module; a simulation does not
-    # import it here (0.6 s).
-    if (http_grid := sys.modules.get(HTTP_GRID)) is not None:
-        pull_retry.shorten(http_grid, "pull_objects")
-    strategy.start(
-        grid=grid,
-        initial_arrays=to_record(state, keys, "fp32"),
-        num_rounds=rounds,
-        timeout=fed.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-        evaluate_fn=end_of_round,
-    )
-    best = f"best val Dice {recorder.best:.4f}" if recorder.best >= 0 else "no federated evaluation"
-    if per_task := recorder.task_dice():
-        best += f" (per task: {per_task}; run folders {recorder.out / 'tasks'})"
-    log(INFO, "federated run done: %s -> %s", best, recorder.out.resolve())
+        # Replies are looked for every reply-poll seconds (or as often as the wrapped Grid does), with
+        # straggler-timeout a crashed site does not hold every round for round-timeout, and a site that
+        # lost its kept global state is sent the arrays (keep-global).
+        grace = fed.straggler_timeout if fed.straggler_timeout > 0 else float("inf")
+        poll = min(fed.reply_poll, getattr(grid, "pull_interval", fed.reply_poll))  # Ray's grid: 0.1 s
+        grid = QuorumGrid(grid, fed.min_train_replies, grace, poll, resend=strategy.resend_with_arrays)
+        # A reply pulled while its objects still arrive is retried after 0.05 s, not Flower's 1 s. Only the
+        # deployment's grid pulls objects, and its runtime has imported that module; a simulation does not
+        # import it here (0.6 s).
+        if (http_grid := sys.modules.get(HTTP_GRID)) is not None:
+            pull_retry.shorten(http_grid, "pull_objects")
+        strategy.start(
+            grid=grid,
+            initial_arrays=to_record(state, keys, "fp32"),
+            num_rounds=rounds,
+            timeout=fed.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+            evaluate_fn=end_of_round,
+        )
+        best = f"best val Dice {recorder.best:.4f}" if recorder.best >= 0 else "no federated evaluation"
+        if per_task := recorder.task_dice():
+            best += f" (per task: {per_task}; run folders {recorder.out / 'tasks'})"
+        log(INFO, "federated run done: %s -> %s", best, recorder.out.resolve())

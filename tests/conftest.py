@@ -7,6 +7,8 @@ run that silently skipped them would prove nothing.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -219,6 +221,36 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
     return path
+
+
+HOLDER = """
+import sys, time
+from samatch.rundir import hold
+with hold(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def held_elsewhere():
+    """``held_elsewhere(folder)`` -> another process (Popen) that holds ``folder`` as a live run does
+    (``samatch.rundir.hold``) until it is killed; the fixture kills it at the end if the test did not."""
+    children: list[subprocess.Popen] = []
+
+    def start(folder: Path) -> subprocess.Popen:
+        child = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE, text=True
+        )
+        children.append(child)
+        assert child.stdout.readline() == "held\n"
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()
+        child.stdout.close()
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ bad input ends with exit code 2 and one stderr line, never a traceback.
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,6 +204,33 @@ def test_set_aside_refuses_to_move_what_the_new_run_reads(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="the working folder lies in it"):
         set_aside("..")
     assert (tmp_path / "run" / "config.json").is_file()  # nothing moved
+
+
+def test_a_live_runs_folder_is_neither_moved_nor_taken_and_is_freed_when_its_process_dies(
+    runs, tmp_path, capsys, held_elsewhere
+):
+    from samatch.rundir import set_aside
+
+    # Prepare: a finished run, which another process now holds as a live run would
+    run = tmp_path / "run"
+    shutil.copytree(runs["supervised"], run)
+    child = held_elsewhere(run)
+    busy = rf"run: a live run \(pid {child.pid} on [^)]+\) is writing there"
+
+    # Execute: a new run moving the folder aside; a resume writing into it
+    with pytest.raises(ValueError, match=busy):
+        set_aside(run)
+    code = main(["train", "--out", str(run), "--resume", "--iterations", "6", "--quiet"])
+
+    # Assert: both refused, the run untouched
+    assert code == 2 and re.search(busy, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 4
+    child.kill()
+    child.wait()
+    # Once the holder is gone (killed: nothing of its own ran), the kernel has released its hold.
+    moved = set_aside(run)
+    assert moved is not None and (moved / "last.pt").is_file()
 
 
 def test_resume_without_a_checkpoint_is_exit_2(tmp_path, capsys):

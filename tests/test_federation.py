@@ -365,6 +365,17 @@ def test_resume_auto_continues_the_out_dir_and_a_new_run_moves_it_aside(tmp_path
     assert [r["round"] for r in new["rounds"]] == [1]
 
 
+def test_a_federated_run_does_not_take_an_out_dir_a_live_run_holds(tmp_path, held_elsewhere):
+    # Prepare: another process holds out-dir as a live run does
+    child = held_elsewhere(tmp_path / "run")
+
+    # Execute / Assert: the ServerApp refuses before it writes anything there
+    for resume in ("", "auto"):
+        with pytest.raises(ValueError, match=rf"run: a live run \(pid {child.pid} on [^)]+\)"):
+            run_federation(tmp_path, **{"resume-from": resume})
+        assert [p.name for p in (tmp_path / "run").iterdir()] == [".run.lock"]
+
+
 def test_warmup_rounds_start_the_joint_stage_at_a_round_boundary():
     from types import SimpleNamespace
 

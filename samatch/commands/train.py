@@ -2,7 +2,8 @@
 
 RUN_DIR receives config.json, splits.json, metrics.csv, tb/ (TensorBoard), val_history.json,
 best.pt (best validation Dice) and last.pt (resume point, rewritten at every validation). Without
---resume, an earlier run in RUN_DIR is first renamed RUN_DIR.<YYYYmmdd-HHMMSS> (samatch.rundir).
+--resume, an earlier run in RUN_DIR is first renamed RUN_DIR.<YYYYmmdd-HHMMSS> (samatch.rundir); while
+the run lives, RUN_DIR/.run.lock keeps other runs from moving or writing into it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import argparse
 from pathlib import Path
 
 from samatch.config import TrainConfig, apply_overrides, load_config, parse_set_args
-from samatch.data import build_train_data
+from samatch.data import TrainData, build_train_data
 from samatch.methods import METHODS
-from samatch.rundir import moved_note, set_aside
+from samatch.rundir import hold, moved_note, set_aside
 from samatch.splits import save_splits
 
 
@@ -51,9 +52,6 @@ def _overrides(args) -> dict:
 
 
 def run(args) -> int:
-    from samatch.allocator import describe
-    from samatch.engine import Trainer  # torch-heavy; keep `samatch --help` fast
-
     out = Path(args.out)
     if args.resume:
         if not (out / "last.pt").is_file():
@@ -70,7 +68,14 @@ def run(args) -> int:
     data = build_train_data(cfg)  # read and checked before anything in `out` is moved or written
     if not args.resume and (moved := set_aside(out)):  # an earlier run there: renamed, not mixed
         print(moved_note(out, moved))
-    out.mkdir(parents=True, exist_ok=True)
+    with hold(out):  # no other run moves or writes into `out` while this one lives
+        return _train(args, cfg, data, out)
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, data: TrainData, out: Path) -> int:
+    from samatch.allocator import describe
+    from samatch.engine import Trainer  # torch-heavy; keep `samatch --help` fast
+
     save_splits(data.splits, out / "splits.json")
     cfg.save(out / "config.json")
     trainer = Trainer(cfg, data, out_dir=out)
