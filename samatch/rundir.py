@@ -32,23 +32,72 @@ RUN_MARKER = "config.json"
 LOCK_NAME = ".run.lock"
 
 
+_HELD: set[int] = set()  # descriptors through which this process holds run folders
+
+
+def _close_held_in_child() -> None:
+    """A forked child shares its parent's locks (flock belongs to the open file, not the process)
+    and would keep a folder held after the parent let go: the child closes its copies, which leaves
+    the parent's lock in place (it is released by the last close). Until the handler has run, just
+    after the fork, the two still share it."""
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+if fcntl is not None:
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 def _lock(path: Path, create: bool) -> int | None:
-    """A descriptor holding the exclusive lock on ``path/.run.lock``; None when no lock file is
-    there (and ``create`` is false) or where nothing can be locked. Raises ValueError when another
-    process holds it."""
+    """A descriptor holding the exclusive lock on ``path/.run.lock``, or None: no lock file there
+    and ``create`` false (no run of this version held the folder), a lock file this process may not
+    read, or nothing can be locked (no ``fcntl``; a file system without locks). Raises ValueError,
+    one line naming the folder, when another process holds it, or (``create``) when the lock file
+    cannot be written or the folder moves meanwhile."""
     if fcntl is None:
         return None
+    lock = path / LOCK_NAME
     try:
-        fd = os.open(path / LOCK_NAME, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    except FileNotFoundError:
-        return None  # a run this version never held
+        fd = os.open(lock, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o644)
+    except OSError as err:
+        if create:
+            raise ValueError(
+                f"{path}: cannot write the run's lock file {LOCK_NAME} ({err.strerror})"
+            ) from None
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise ValueError(f"{path}: a live run ({holder}) is writing there; wait for it to end") from None
+    except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP)
+        os.close(fd)
+        return None
+    try:
+        same = os.path.samestat(os.fstat(fd), os.stat(lock))
+    except FileNotFoundError:
+        same = False
+    if not same:  # renamed (moved aside) between the open and the lock: this lock guards nothing
+        os.close(fd)
+        raise ValueError(f"{path}: another run moved the folder while this one was taking it; try again")
+    _HELD.add(fd)
     return fd
+
+
+def _release(fd: int | None) -> None:
+    if fd is not None:
+        _HELD.discard(fd)
+        os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+
+
+def check_free(out: str | Path) -> None:
+    """Raise the ValueError of :func:`hold` now if another process holds ``out``: before a run's
+    slow set-up, which would otherwise be refused only at its end."""
+    path = Path(out)
+    if path.is_dir():
+        _release(_lock(path, create=False))
 
 
 @contextmanager
@@ -65,8 +114,7 @@ def hold(out: str | Path) -> Iterator[Path]:
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield path
     finally:
-        if fd is not None:
-            os.close(fd)  # releases the lock; the file stays (removing it would race a new holder)
+        _release(fd)
 
 
 def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None:
@@ -100,8 +148,7 @@ def set_aside(out: str | Path, inputs: Iterable[str | Path] = ()) -> Path | None
     try:
         path.rename(target)
     finally:
-        if fd is not None:
-            os.close(fd)
+        _release(fd)
     return target if given.is_absolute() else Path(os.path.relpath(target))
 
 

@@ -34,7 +34,7 @@ from federation.outputs import RunRecorder, load_resume
 from federation.server_eval import ServerValidation
 from federation.state import from_record, shareable_keys, to_record, to_wire
 from samatch.config import TrainConfig, apply_overrides
-from samatch.rundir import hold, in_folder, moved_note, set_aside
+from samatch.rundir import check_free, hold, in_folder, moved_note, set_aside
 from server.quorum import QuorumGrid
 from server.strategy import FedSAMatch
 
@@ -103,6 +103,7 @@ def global_start(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, fed = parse_run_config(dict(context.run_config))
+    check_free(fed.out_dir)  # a live run there: refused now, not after the set-up
     tasks = task_configs(cfg, fed)
     state, keys, key_sets = global_start(cfg, fed, tasks)
     offset, history = 0, []

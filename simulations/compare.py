@@ -69,7 +69,7 @@ from samatch.config import TrainConfig, apply_overrides, parse_set_args
 from samatch.data import build_splits, open_reader
 from samatch.hardware import hardware
 from samatch.io.base import Case, DataError
-from samatch.rundir import moved_note, set_aside
+from samatch.rundir import hold, moved_note, set_aside
 from samatch.splits import Splits, save_splits, union_splits
 from simulations.compare_report import REFERENCE, write_outputs
 from simulations.partition import PARTITIONERS, partition
@@ -316,8 +316,9 @@ def train(cfg: TrainConfig, data, out: Path, progress: bool):
     """One Trainer run to ``cfg.schedule.iterations``; returns the trainer (final model in it)."""
     from samatch.engine import Trainer
 
-    trainer = Trainer(cfg, data, out_dir=out)
-    trainer.run(progress=progress)
+    with hold(out):  # no other run moves or writes into the arm's folder meanwhile
+        trainer = Trainer(cfg, data, out_dir=out)
+        trainer.run(progress=progress)
     return trainer
 
 

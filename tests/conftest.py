@@ -236,6 +236,7 @@ with hold(sys.argv[1]):
 def held_elsewhere():
     """``held_elsewhere(folder)`` -> another process (Popen) that holds ``folder`` as a live run does
     (``samatch.rundir.hold``) until it is killed; the fixture kills it at the end if the test did not."""
+    pytest.importorskip("fcntl", reason="run folders are held through fcntl")
     children: list[subprocess.Popen] = []
 
     def start(folder: Path) -> subprocess.Popen:

@@ -223,7 +223,9 @@ def test_a_live_runs_folder_is_neither_moved_nor_taken_and_is_freed_when_its_pro
     code = main(["train", "--out", str(run), "--resume", "--iterations", "6", "--quiet"])
 
     # Assert: both refused, the run untouched
-    assert code == 2 and re.search(busy, capsys.readouterr().err)
+    assert code == 2 and re.fullmatch(
+        rf"samatch: error: \S*{busy}; wait for it to end\n", capsys.readouterr().err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert torch.load(run / "last.pt", weights_only=False)["iteration"] == 4
     child.kill()
@@ -231,6 +233,89 @@ def test_a_live_runs_folder_is_neither_moved_nor_taken_and_is_freed_when_its_pro
     # Once the holder is gone (killed: nothing of its own ran), the kernel has released its hold.
     moved = set_aside(run)
     assert moved is not None and (moved / "last.pt").is_file()
+
+
+def run_folder(path: Path) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="run folders are held through fcntl")
+def test_a_lock_file_that_cannot_be_opened_is_one_line_for_a_new_run_and_no_obstacle_to_moving(
+    tmp_path, monkeypatch
+):
+    from samatch.rundir import LOCK_NAME, hold, set_aside
+
+    # Prepare: an earlier run whose lock file this user may not open (another user's, read-only)
+    run = run_folder(tmp_path / "run")
+    (run / LOCK_NAME).write_text("pid 1 on elsewhere\n")
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(LOCK_NAME):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+
+    # Execute / Assert: moving it aside needs no lock; a new run that cannot hold its folder says so
+    moved = set_aside(run)
+    assert moved is not None and (moved / "config.json").is_file()
+    with pytest.raises(
+        ValueError, match=r"run: cannot write the run's lock file \.run\.lock \(Permission denied\)$"
+    ):
+        with hold(run):
+            pass
+
+
+@pytest.mark.skipif(os.name != "posix", reason="run folders are held through fcntl")
+def test_a_folder_moved_aside_while_a_run_takes_it_is_not_held_by_that_run(tmp_path, monkeypatch):
+    from samatch import rundir
+
+    # Prepare: between this run's opening of the lock file and its lock, another run moves the
+    # folder aside (the lock would then guard the moved folder, not the one this run writes to)
+    run = tmp_path / "run"
+    real_flock = rundir.fcntl.flock
+
+    def moved_first(fd, op):
+        if run.exists():
+            run.rename(tmp_path / "run.earlier")
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(rundir.fcntl, "flock", moved_first)
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match=r"run: another run moved the folder while this one was taking it"):
+        with rundir.hold(run):
+            pass
+    assert not rundir._HELD
+
+
+@pytest.mark.skipif(os.name != "posix", reason="run folders are held through fcntl")
+def test_a_forked_child_does_not_keep_its_parents_run_folder_held(tmp_path):
+    from samatch.rundir import hold
+
+    # Prepare: a child forked while the folder is held, which runs until told to end
+    run = run_folder(tmp_path / "run")
+    started, stop = os.pipe(), os.pipe()
+    with hold(run):
+        pid = os.fork()
+        if pid == 0:  # the child: say it runs, wait, leave without running anything of the parent's
+            os.write(started[1], b"r")
+            os.read(stop[0], 1)
+            os._exit(0)
+    try:
+        assert os.read(started[0], 1) == b"r"
+
+        # Execute / Assert: the parent let go, so the folder is free though the child lives on
+        with hold(run):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0)
+    finally:
+        os.write(stop[1], b"x")
+        os.waitpid(pid, 0)
+        for fd in (*started, *stop):
+            os.close(fd)
 
 
 def test_resume_without_a_checkpoint_is_exit_2(tmp_path, capsys):

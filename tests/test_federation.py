@@ -366,14 +366,16 @@ def test_resume_auto_continues_the_out_dir_and_a_new_run_moves_it_aside(tmp_path
 
 
 def test_a_federated_run_does_not_take_an_out_dir_a_live_run_holds(tmp_path, held_elsewhere):
-    # Prepare: another process holds out-dir as a live run does
+    # Prepare: another process holds out-dir as a live run does (its config.json written)
     child = held_elsewhere(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text("{}")
 
-    # Execute / Assert: the ServerApp refuses before it writes anything there
+    # Execute / Assert: the ServerApp refuses before it moves or writes anything there
     for resume in ("", "auto"):
         with pytest.raises(ValueError, match=rf"run: a live run \(pid {child.pid} on [^)]+\)"):
             run_federation(tmp_path, **{"resume-from": resume})
-        assert [p.name for p in (tmp_path / "run").iterdir()] == [".run.lock"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".run.lock", "config.json"]
 
 
 def test_warmup_rounds_start_the_joint_stage_at_a_round_boundary():
@@ -767,6 +769,7 @@ def test_lora_average_bias_does_not_depend_on_the_reply_order():
     # array too, which the bias ignores (and so does the order it sums the sites in).
     from itertools import permutations
 
+    from federation import aggregate
     from federation.aggregate import canonical_order, lora_average_bias
 
     rng = np.random.default_rng(3)
@@ -787,6 +790,14 @@ def test_lora_average_bias_does_not_depend_on_the_reply_order():
 
     # Assert: one value, bit for bit; the order looked at the adapters only
     assert len(biases) == 1 and 0 < biases.pop() < 10
+    hashed = []
+    real_digest = aggregate._digest
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(
+            aggregate, "_digest", lambda state, keys=None: hashed.append(keys) or real_digest(state, keys)
+        )
+        lora_average_bias(sites, weights)
+    assert hashed == [{"l.lora_A.x.weight", "l.lora_B.x.weight"}] * 3
     lora = {"l.lora_A.x.weight", "l.lora_B.x.weight"}
     other = [{**s, "unet.w": -s["unet.w"]} for s in sites]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from samatch.config import TrainConfig, apply_overrides, load_config, parse_set_args
 from samatch.data import TrainData, build_train_data
 from samatch.methods import METHODS
-from samatch.rundir import hold, moved_note, set_aside
+from samatch.rundir import check_free, hold, moved_note, set_aside
 from samatch.splits import save_splits
 
 
@@ -53,6 +53,7 @@ def _overrides(args) -> dict:
 
 def run(args) -> int:
     out = Path(args.out)
+    check_free(out)  # a live run there: refused now, not after the data are read
     if args.resume:
         if not (out / "last.pt").is_file():
             raise FileNotFoundError(f"{out / 'last.pt'}: nothing to resume")
