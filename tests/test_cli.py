@@ -162,6 +162,13 @@ def test_a_run_that_fails_on_its_input_leaves_the_earlier_run_in_place(runs, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and (run / "last.pt").is_file()
 
 
+def run_folder(path: Path) -> Path:
+    """An empty run's folder at ``path``: what makes a folder a run's is its config.json."""
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    return path
+
+
 def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_path, monkeypatch):
     from samatch.rundir import in_folder, set_aside
 
@@ -169,9 +176,7 @@ def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_pa
     # other files, and a link to a run
     started = time.mktime((2026, 11, 28, 10, 0, 0, 0, 0, -1))
     for name in ("a", "b", "c"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-        os.utime(tmp_path / name / "config.json", (started, started))
+        os.utime(run_folder(tmp_path / name) / "config.json", (started, started))
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "x.txt").write_text("x")
     (tmp_path / "link").symlink_to(tmp_path / "c")
@@ -196,8 +201,7 @@ def test_set_aside_names_the_folder_by_its_start_and_leaves_other_folders(tmp_pa
 def test_set_aside_refuses_to_move_what_the_new_run_reads(tmp_path, monkeypatch):
     from samatch.rundir import set_aside
 
-    (tmp_path / "run" / "sub").mkdir(parents=True)
-    (tmp_path / "run" / "config.json").write_text("{}")
+    (run_folder(tmp_path / "run") / "sub").mkdir()
     with pytest.raises(ValueError, match=r"run: holds an earlier run.*manifest\.json lies in it"):
         set_aside(tmp_path / "run", ["", tmp_path / "run" / "sub" / "manifest.json"])
     monkeypatch.chdir(tmp_path / "run" / "sub")
@@ -233,12 +237,6 @@ def test_a_live_runs_folder_is_neither_moved_nor_taken_and_is_freed_when_its_pro
     # Once the holder is gone (killed: nothing of its own ran), the kernel has released its hold.
     moved = set_aside(run)
     assert moved is not None and (moved / "last.pt").is_file()
-
-
-def run_folder(path: Path) -> Path:
-    path.mkdir()
-    (path / "config.json").write_text("{}")
-    return path
 
 
 @pytest.mark.skipif(os.name != "posix", reason="run folders are held through fcntl")
